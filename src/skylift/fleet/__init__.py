@@ -1,0 +1,1 @@
+"""The fleet simulator: many agents in one process, for demos and scale tests."""

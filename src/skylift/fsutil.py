@@ -1,0 +1,71 @@
+"""Durable file writes: temp file, fsync, rename, fsync the directory.
+
+Every file Skylift writes for keeps goes through here, so that a power cut
+leaves either the old file or the new one under the final name, never a
+partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["atomic_write", "atomic_writer", "fsync_dir", "read_bounded"]
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that a rename inside it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Open a temp file beside ``path``; on a clean exit make it ``path`` durably.
+
+    On an exception the temp file is removed and ``path`` is left as it was.
+    The file is created with ``mode`` from the start (a private key is never
+    readable by others, not even for an instant).
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have narrowed it; never widen beyond ``mode``
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(directory)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` atomically and durably (see :func:`atomic_writer`)."""
+    with atomic_writer(path, mode=mode) as f:
+        f.write(data)
+
+
+def read_bounded(path: Path, limit: int, what: str = "file") -> bytes:
+    """Read a whole small file, refusing one larger than ``limit`` bytes.
+
+    Raises:
+        ValueError: the file is larger than ``limit``.
+        OSError: it cannot be read.
+    """
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{what} {path} is larger than {limit} bytes")
+    return data
