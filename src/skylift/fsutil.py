@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from skylift.errors import UserInputError
+
 __all__ = ["atomic_write", "atomic_writer", "fsync_dir", "read_bounded"]
 
 
@@ -61,11 +63,13 @@ def read_bounded(path: Path, limit: int, what: str = "file") -> bytes:
     """Read a whole small file, refusing one larger than ``limit`` bytes.
 
     Raises:
-        ValueError: the file is larger than ``limit``.
-        OSError: it cannot be read.
+        UserInputError: the file is missing, unreadable, or larger than ``limit``.
     """
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise UserInputError(f"cannot read {what} {path}: {e.strerror or e}") from e
     if len(data) > limit:
-        raise ValueError(f"{what} {path} is larger than {limit} bytes")
+        raise UserInputError(f"{what} {path} is larger than {limit} bytes")
     return data
