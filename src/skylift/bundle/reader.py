@@ -1,0 +1,225 @@
+"""Reading a bundle from a stream: verify the manifest first, then every chunk.
+
+Works on a non-seekable stream (a pipe, an HTTP body) and keeps one index
+page and one chunk in memory at a time, whatever the payload's size. No
+byte is handed to the caller before it is verified:
+
+1. :func:`read_head` reads the preamble, the manifest and the signatures;
+   :meth:`BundleHead.verify` checks the signatures against trusted keys.
+2. :func:`read_body` then yields hooks and chunks, each checked against the
+   digests the signed manifest vouches for, and :class:`PayloadEnd` once a
+   payload's whole-payload digest matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import zstandard
+from securesystemslib.signer import Signature
+
+from skylift.bundle.errors import (
+    BundleError,
+    ChunkDigestError,
+    CorruptIndexError,
+    ManifestError,
+    PayloadDigestError,
+    PayloadSizeError,
+    TrailingDataError,
+    TruncatedBundleError,
+)
+from skylift.bundle.format import PREAMBLE_SIZE, Limits, unpack_preamble
+from skylift.bundle.manifest import HookEntry, Manifest, PayloadEntry
+from skylift.bundle.signature import TrustedKeys, decode_signatures
+from skylift.chunks import (
+    ChunkDataError,
+    ChunkEntry,
+    ChunkError,
+    IndexOverflowError,
+    PageChainVerifier,
+    decode_chunk,
+)
+from skylift.chunks.index import PAGE_HEADER_SIZE, parse_page_header
+
+__all__ = [
+    "BundleHead",
+    "ChunkData",
+    "HookData",
+    "PayloadEnd",
+    "PayloadStart",
+    "ReadStream",
+    "read_body",
+    "read_head",
+]
+
+
+class ReadStream(Protocol):
+    """Anything with ``read(n)``: a file, a pipe, a response body."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+@dataclass
+class BundleHead:
+    """The manifest and signatures of a bundle, and whether they were verified."""
+
+    manifest: Manifest
+    manifest_bytes: bytes
+    signatures: list[Signature]
+    verified_by: list[str] = field(default_factory=list)
+
+    @property
+    def verified(self) -> bool:
+        """True once :meth:`verify` succeeded."""
+        return bool(self.verified_by)
+
+    def verify(self, trusted: TrustedKeys) -> list[str]:
+        """Check the signatures; return the key ids that signed.
+
+        Raises:
+            SignatureError: not enough trusted keys signed the manifest.
+        """
+        self.verified_by = trusted.verify(self.manifest_bytes, self.signatures)
+        return self.verified_by
+
+
+@dataclass(frozen=True)
+class HookData:
+    """A hook's verified bytes."""
+
+    hook: HookEntry
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PayloadStart:
+    """The chunks of ``payload`` follow."""
+
+    payload: PayloadEntry
+
+
+@dataclass(frozen=True)
+class ChunkData:
+    """One verified chunk of a payload, in order."""
+
+    payload: PayloadEntry
+    entry: ChunkEntry
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PayloadEnd:
+    """All of ``payload`` was yielded and its whole-payload digest matched."""
+
+    payload: PayloadEntry
+
+
+Event = HookData | PayloadStart | ChunkData | PayloadEnd
+
+
+def _read_exact(stream: ReadStream, n: int, what: str) -> bytes:
+    parts = []
+    left = n
+    while left:
+        block = stream.read(left)
+        if not block:
+            raise TruncatedBundleError(f"bundle ends in the middle of {what}")
+        parts.append(block)
+        left -= len(block)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def read_head(stream: ReadStream, *, limits: Limits | None = None) -> BundleHead:
+    """Read and parse the preamble, manifest and signature section.
+
+    The result is *not* verified: call :meth:`BundleHead.verify` before
+    trusting anything in it.
+
+    Raises:
+        BundleError: (a subclass) for any malformed, truncated or oversized part.
+    """
+    limits = limits or Limits()
+    manifest_len, signatures_len = unpack_preamble(
+        _read_exact(stream, PREAMBLE_SIZE, "the preamble"), limits
+    )
+    manifest_bytes = _read_exact(stream, manifest_len, "the manifest")
+    signatures = decode_signatures(_read_exact(stream, signatures_len, "the signatures"))
+    manifest = Manifest.from_bytes(manifest_bytes)
+    return BundleHead(manifest, manifest_bytes, signatures)
+
+
+def read_body(
+    stream: ReadStream, head: BundleHead, *, limits: Limits | None = None
+) -> Iterator[Event]:
+    """Yield the hooks, then each payload's chunks, all verified; then check the end.
+
+    Raises:
+        BundleError: the head was not verified, or anything in the body is
+            truncated, corrupt, or disagrees with the manifest. Chunk and
+            index failures (:class:`~skylift.chunks.ChunkError`) are raised
+            are translated to :class:`BundleError` subclasses.
+    """
+    if not head.verified:
+        raise BundleError("refusing to read a bundle whose manifest was not verified")
+    limits = limits or Limits()
+    for hook in head.manifest.hooks:
+        data = _read_exact(stream, hook.size, f"the {hook.phase} hook")
+        if hashlib.sha256(data).hexdigest() != hook.sha256:
+            raise PayloadDigestError(f"the {hook.phase} hook does not match its digest")
+        yield HookData(hook, data)
+    decompressor = zstandard.ZstdDecompressor()
+    for payload in head.manifest.payloads:
+        yield PayloadStart(payload)
+        yield from _read_payload(stream, payload, limits, decompressor)
+        yield PayloadEnd(payload)
+    if stream.read(1):
+        raise TrailingDataError("there are bytes after the end of the bundle")
+
+
+def _read_payload(
+    stream: ReadStream,
+    payload: PayloadEntry,
+    limits: Limits,
+    decompressor: zstandard.ZstdDecompressor,
+) -> Iterator[ChunkData]:
+    where = f"payload {payload.name!r}"
+    chain = PageChainVerifier(
+        bytes.fromhex(payload.index.first_page_sha256),
+        chunks=payload.chunks,
+        payload_length=payload.size,
+        max_chunk_bytes=min(limits.max_chunk_bytes, payload.chunking.max_size),
+    )
+    max_entries = min(limits.max_entries_per_page, payload.index.entries_per_page)
+    digest = hashlib.sha256()
+    pages = 0
+    try:
+        while not chain.done:
+            if pages == payload.index.pages:
+                raise ManifestError(f"{where}: index has more pages than the manifest declares")
+            header = _read_exact(stream, PAGE_HEADER_SIZE, f"the index of {where}")
+            body = _read_exact(
+                stream, parse_page_header(header, max_entries=max_entries), f"the index of {where}"
+            )
+            pages += 1
+            for entry in chain.accept(header + body):
+                stored = _read_exact(stream, entry.stored_length, f"a chunk of {where}")
+                data = decode_chunk(entry, stored, decompressor)
+                digest.update(data)
+                yield ChunkData(payload, entry, data)
+    except ChunkError as e:
+        raise _as_bundle_error(e, where) from e
+    if pages != payload.index.pages:
+        raise PayloadSizeError(f"{where}: index has fewer pages than the manifest declares")
+    if digest.hexdigest() != payload.sha256:
+        raise PayloadDigestError(f"{where} does not match its sha256 in the manifest")
+
+
+def _as_bundle_error(e: ChunkError, where: str) -> BundleError:
+    if isinstance(e, IndexOverflowError):
+        return PayloadSizeError(f"{where} is longer than declared: {e.message}")
+    if isinstance(e, ChunkDataError):
+        return ChunkDigestError(f"{where}: {e.message}")
+    return CorruptIndexError(f"{where}: {e.message}")

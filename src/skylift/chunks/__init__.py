@@ -1,0 +1,42 @@
+"""Content-defined chunking, the chunk index, and per-chunk compression.
+
+Pure: takes bytes or readable streams, returns typed objects; no I/O of its own.
+"""
+
+from skylift.chunks.chunker import iter_chunks
+from skylift.chunks.errors import (
+    ChunkDataError,
+    ChunkError,
+    ChunkingParamsError,
+    IndexCorruptError,
+    IndexOverflowError,
+)
+from skylift.chunks.index import (
+    CODEC_NONE,
+    CODEC_ZSTD,
+    ChunkEntry,
+    IndexBuilder,
+    PageChainVerifier,
+    decode_chunk,
+    encode_chunk,
+)
+from skylift.chunks.params import DEFAULT_CDC, MAX_CHUNK_BYTES, ChunkingParams
+
+__all__ = [
+    "CODEC_NONE",
+    "CODEC_ZSTD",
+    "DEFAULT_CDC",
+    "MAX_CHUNK_BYTES",
+    "ChunkDataError",
+    "ChunkEntry",
+    "ChunkError",
+    "ChunkingParams",
+    "ChunkingParamsError",
+    "IndexBuilder",
+    "IndexCorruptError",
+    "IndexOverflowError",
+    "PageChainVerifier",
+    "decode_chunk",
+    "encode_chunk",
+    "iter_chunks",
+]
