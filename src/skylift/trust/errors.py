@@ -7,8 +7,10 @@ from skylift.errors import SkyliftError
 __all__ = [
     "InsufficientSignaturesError",
     "KeyFileError",
+    "MetadataError",
     "PassphraseRequiredError",
     "RepositoryError",
+    "SignatureThresholdError",
     "TrustError",
     "WrongPassphraseError",
 ]
@@ -38,3 +40,11 @@ class RepositoryError(TrustError):
 
 class InsufficientSignaturesError(RepositoryError):
     """Fewer valid signatures than a role's threshold were available."""
+
+
+class MetadataError(TrustError):
+    """Untrusted TUF metadata is malformed, oversized or of the wrong type."""
+
+
+class SignatureThresholdError(MetadataError):
+    """Fewer distinct valid signatures than the role's threshold: do not trust the payload."""

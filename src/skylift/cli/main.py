@@ -1,0 +1,72 @@
+"""The ``skylift`` command: one place where errors become one line and an exit code."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from skylift import __version__
+from skylift.cli import bundle, keys
+from skylift.cli.common import err
+from skylift.errors import SkyliftError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="skylift",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Skylift: over-the-air updates for fleets of embedded Linux devices.",
+)
+app.add_typer(keys.app, name="keys")
+app.add_typer(bundle.app, name="bundle")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"skylift {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """Skylift: over-the-air updates for fleets of embedded Linux devices."""
+
+
+#: Exit codes: 1 for a refused or failed operation, 2 for bad usage (as click does).
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; print a SkyliftError as one line on stderr, never a traceback."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except SkyliftError as e:
+        err.print(f"[bold red]error:[/] {e.diagnostics()}", markup=True, highlight=False)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return EXIT_INTERRUPTED
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        err.print("aborted")
+        return EXIT_FAILURE
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""A TUF repository on disk: the directory a web server or object store publishes.
+
+The directory holds ``metadata/`` and ``targets/`` in the consistent-snapshot
+layout of :mod:`skylift.trust.repository`. Files are written atomically and in
+an order that never lets a client see a timestamp or root pointing at a file
+not there yet. Nothing is ever deleted: clients part-way through an update
+may still fetch older versioned files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path, PurePosixPath
+
+from skylift.errors import UserInputError
+from skylift.fsutil import atomic_write
+from skylift.trust.errors import RepositoryError
+from skylift.trust.repository import MAX_METADATA_BYTES, Repository
+
+__all__ = ["load_repository", "save_repository"]
+
+_METADATA = "metadata"
+
+
+class _MetadataFiles(Mapping[str, bytes]):
+    """``metadata/*.json`` of a repository directory, read only when asked for.
+
+    Target contents (bundles, possibly gigabytes) are left out: loading a
+    repository needs none of them.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self._dir = root / _METADATA
+
+    def _path(self, key: str) -> Path | None:
+        prefix, _, name = key.partition("/")
+        if prefix != _METADATA or not name.endswith(".json") or "/" in name or name[0] == ".":
+            return None
+        return self._dir / name
+
+    def __getitem__(self, key: str) -> bytes:
+        path = self._path(key)
+        if path is None:
+            raise KeyError(key)
+        try:
+            with open(path, "rb") as f:
+                # One byte over the bound is enough for the loader to refuse it.
+                return f.read(MAX_METADATA_BYTES + 1)
+        except FileNotFoundError:
+            raise KeyError(key) from None
+        except OSError as e:
+            raise UserInputError(f"cannot read {path}: {e.strerror or e}") from e
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            names = sorted(os.listdir(self._dir))
+        except FileNotFoundError:
+            return iter(())
+        except OSError as e:
+            raise UserInputError(f"cannot list {self._dir}: {e.strerror or e}") from e
+        return iter([f"{_METADATA}/{n}" for n in names if self._path(f"{_METADATA}/{n}")])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def load_repository(path: Path) -> Repository:
+    """Load the repository published in directory ``path``.
+
+    Only the metadata is read, each file bounded by ``MAX_METADATA_BYTES``.
+
+    Raises:
+        UserInputError: ``path`` is not a directory, or a file cannot be read.
+        RepositoryError: the metadata is missing, oversized or does not verify
+            (see :meth:`Repository.load`).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise UserInputError(f"{path} is not a repository directory")
+    return Repository.load(_MetadataFiles(path))
+
+
+def _write_order(rel: str) -> tuple[int, str]:
+    # Contents first, then what lists them, the entry points last: a client
+    # that reads the directory mid-save finds every file it is pointed at.
+    if rel == "metadata/timestamp.json":
+        return (4, rel)
+    if rel == "metadata/root.json":
+        return (3, rel)
+    if rel.endswith(".root.json"):
+        return (2, rel)
+    if rel.startswith(f"{_METADATA}/"):
+        return (1, rel)
+    return (0, rel)
+
+
+def _unchanged(dest: Path, data: bytes) -> bool:
+    try:
+        if dest.stat().st_size != len(data):
+            return False
+        with open(dest, "rb") as f:
+            return f.read(len(data) + 1) == data
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise UserInputError(f"cannot read {dest}: {e.strerror or e}") from e
+
+
+def save_repository(path: Path, repo: Repository) -> list[str]:
+    """Write ``repo`` into directory ``path``; return the relative paths written.
+
+    Files already there with the same content are left alone. A versioned
+    file (``N.root.json``, ``N.targets.json``, ``N.snapshot.json``, a
+    hash-prefixed target) is immutable once published: finding one with
+    other content means two repositories share the directory, and nothing
+    is written over it.
+
+    Raises:
+        RepositoryError: targets have unsigned changes, or a published
+            versioned file would change.
+        UserInputError: a file cannot be read or written.
+    """
+    path = Path(path)
+    files = repo.publish()
+    pending: list[tuple[str, Path, bytes]] = []
+    for rel in sorted(files, key=_write_order):
+        parts = PurePosixPath(rel).parts
+        if rel.startswith("/") or not parts or any(p in ("", ".", "..") for p in parts):
+            raise RepositoryError(f"refusing to write outside the repository: {rel!r}")
+        dest = path.joinpath(*parts)
+        data = files[rel]
+        if _unchanged(dest, data):
+            continue
+        mutable = rel in ("metadata/root.json", "metadata/timestamp.json")
+        if not mutable and dest.exists():
+            raise RepositoryError(
+                f"{rel} is already published with other content",
+                hint="versioned files never change; is this directory another repository?",
+            )
+        pending.append((rel, dest, data))
+    # Checked everything before writing anything, so a refusal leaves the directory as it was.
+    written: list[str] = []
+    for rel, dest, data in pending:
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(dest, data)
+        except OSError as e:
+            raise UserInputError(f"cannot write {dest}: {e.strerror or e}") from e
+        written.append(rel)
+    return written
