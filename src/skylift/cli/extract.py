@@ -137,11 +137,7 @@ def extract(
                 done.append(sink)
                 sink = None
             elif isinstance(event, HookData) and with_hooks:
-                hooks = out_dir / "hooks"
-                hooks.mkdir(parents=True, exist_ok=True)
-                atomic_write(
-                    hooks / check_name(event.hook.phase, "hook phase"), event.data, mode=0o755
-                )
+                hooks.append(event)
     except BaseException:
         for s in [*done, *([sink] if sink else [])]:
             s.abort()
