@@ -38,7 +38,7 @@ from skylift.chunks import (
     ChunkDataError,
     ChunkEntry,
     ChunkError,
-    IndexOverflowError,
+    IndexTotalsError,
     PageChainVerifier,
     decode_chunk,
 )
@@ -64,26 +64,50 @@ class ReadStream(Protocol):
 
 @dataclass
 class BundleHead:
-    """The manifest and signatures of a bundle, and whether they were verified."""
+    """A bundle's manifest bytes and signatures; the manifest once verified."""
 
-    manifest: Manifest
     manifest_bytes: bytes
     signatures: list[Signature]
     verified_by: list[str] = field(default_factory=list)
+    _manifest: Manifest | None = None
 
     @property
     def verified(self) -> bool:
         """True once :meth:`verify` succeeded."""
-        return bool(self.verified_by)
+        return self._manifest is not None
 
     def verify(self, trusted: TrustedKeys) -> list[str]:
-        """Check the signatures; return the key ids that signed.
+        """Check the signatures, then parse the manifest; return the key ids that signed.
+
+        The manifest's JSON is parsed only after its signature verified.
 
         Raises:
             SignatureError: not enough trusted keys signed the manifest.
+            ManifestError, UnsafePayloadNameError: signed, but invalid.
         """
-        self.verified_by = trusted.verify(self.manifest_bytes, self.signatures)
-        return self.verified_by
+        signed_by = trusted.verify(self.manifest_bytes, self.signatures)
+        self._manifest = Manifest.from_bytes(self.manifest_bytes)
+        self.verified_by = signed_by
+        return signed_by
+
+    @property
+    def manifest(self) -> Manifest:
+        """The verified manifest.
+
+        Raises:
+            BundleError: :meth:`verify` has not succeeded.
+        """
+        if self._manifest is None:
+            raise BundleError("refusing to use a bundle manifest that was not verified")
+        return self._manifest
+
+    def unverified_manifest(self) -> Manifest:
+        """Parse the manifest without trusting it: for display only (``inspect``).
+
+        Raises:
+            ManifestError, UnsafePayloadNameError: it is invalid.
+        """
+        return self._manifest or Manifest.from_bytes(self.manifest_bytes)
 
 
 @dataclass(frozen=True)
@@ -135,8 +159,8 @@ def _read_exact(stream: ReadStream, n: int, what: str) -> bytes:
 def read_head(stream: ReadStream, *, limits: Limits | None = None) -> BundleHead:
     """Read and parse the preamble, manifest and signature section.
 
-    The result is *not* verified: call :meth:`BundleHead.verify` before
-    trusting anything in it.
+    The manifest is neither parsed nor trusted yet: call
+    :meth:`BundleHead.verify` before using it.
 
     Raises:
         BundleError: (a subclass) for any malformed, truncated or oversized part.
@@ -147,8 +171,7 @@ def read_head(stream: ReadStream, *, limits: Limits | None = None) -> BundleHead
     )
     manifest_bytes = _read_exact(stream, manifest_len, "the manifest")
     signatures = decode_signatures(_read_exact(stream, signatures_len, "the signatures"))
-    manifest = Manifest.from_bytes(manifest_bytes)
-    return BundleHead(manifest, manifest_bytes, signatures)
+    return BundleHead(manifest_bytes, signatures)
 
 
 def read_body(
@@ -204,11 +227,18 @@ def _read_payload(
                 stream, parse_page_header(header, max_entries=max_entries), f"the index of {where}"
             )
             pages += 1
-            for entry in chain.accept(header + body):
+            page = chain.accept(header + body)
+            stored_hash = hashlib.sha256()
+            for entry in page.entries:
                 stored = _read_exact(stream, entry.stored_length, f"a chunk of {where}")
+                stored_hash.update(stored)
                 data = decode_chunk(entry, stored, decompressor)
                 digest.update(data)
                 yield ChunkData(payload, entry, data)
+            # Each chunk above was verified by the digest of its content; this
+            # also catches changes a decompressor ignores, so no byte goes unchecked.
+            if stored_hash.digest() != page.stored_sha256:
+                raise ChunkDigestError(f"{where}: stored chunk bytes differ from the index")
     except ChunkError as e:
         raise _as_bundle_error(e, where) from e
     if pages != payload.index.pages:
@@ -218,8 +248,8 @@ def _read_payload(
 
 
 def _as_bundle_error(e: ChunkError, where: str) -> BundleError:
-    if isinstance(e, IndexOverflowError):
-        return PayloadSizeError(f"{where} is longer than declared: {e.message}")
+    if isinstance(e, IndexTotalsError):
+        return PayloadSizeError(f"{where} differs from its declared size: {e.message}")
     if isinstance(e, ChunkDataError):
         return ChunkDigestError(f"{where}: {e.message}")
     return CorruptIndexError(f"{where}: {e.message}")

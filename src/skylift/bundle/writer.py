@@ -34,7 +34,7 @@ from skylift.bundle.manifest import (
 from skylift.bundle.signature import encode_signatures, sign_manifest
 from skylift.chunks import DEFAULT_CDC, ChunkingParams, IndexBuilder, encode_chunk, iter_chunks
 from skylift.chunks.chunker import Readable
-from skylift.chunks.index import ENTRY_SIZE, PAGE_HEADER_SIZE
+from skylift.chunks.index import ENTRIES_PER_PAGE, ENTRY_SIZE, PAGE_HEADER_SIZE
 
 __all__ = ["HookSource", "PayloadSource", "detect_payload_type", "write_bundle"]
 
@@ -180,6 +180,7 @@ def write_bundle(
     min_agent_version: str = "0.1.0",
     compression_level: int = 3,
     workers: int = 1,
+    entries_per_page: int = ENTRIES_PER_PAGE,
     progress: Callable[[int], None] | None = None,
 ) -> Manifest:
     """Write a signed bundle to ``out`` and return its manifest.
@@ -187,6 +188,7 @@ def write_bundle(
     ``spool`` is an empty, seekable scratch file (a temporary file beside the
     output) that receives the compressed chunks on the first pass.
     ``progress`` is called with the number of payload bytes just read.
+    ``entries_per_page`` sets the index page size, which bounds a reader's memory.
 
     Raises:
         ManifestError, UnsafePayloadNameError: a name, version or field is invalid.
@@ -205,7 +207,12 @@ def write_bundle(
 
     encoder = _Encoder(compression_level, workers)
     try:
-        spooled = [_spool_payload(p, spool, encoder, progress) for p in payloads]
+        spooled = [
+            _spool_payload(
+                p, spool, encoder, IndexBuilder(entries_per_page=entries_per_page), progress
+            )
+            for p in payloads
+        ]
     finally:
         encoder.close()
 
@@ -260,18 +267,18 @@ def _spool_payload(
     source: PayloadSource,
     spool: BinaryIO,
     encoder: _Encoder,
+    index: IndexBuilder,
     progress: Callable[[int], None] | None,
 ) -> _Spooled:
     head = _read_head(source.stream, _SNIFF_BYTES)
     kind = detect_payload_type(head)
     params = source.chunking or DEFAULT_CDC
-    index = IndexBuilder()
     offset = spool.seek(0, 2)
     payload_hash = hashlib.sha256()
 
     def sink(length: int, digest: bytes, codec: int, stored: bytes) -> None:
         spool.write(stored)
-        index.add(length, len(stored), codec, digest)
+        index.add(length, codec, digest, stored)
         if progress is not None:
             progress(length)
 

@@ -9,7 +9,7 @@ from skylift.chunks.errors import (
     ChunkError,
     ChunkingParamsError,
     IndexCorruptError,
-    IndexOverflowError,
+    IndexTotalsError,
 )
 from skylift.chunks.index import (
     CODEC_NONE,
@@ -34,7 +34,7 @@ __all__ = [
     "ChunkingParamsError",
     "IndexBuilder",
     "IndexCorruptError",
-    "IndexOverflowError",
+    "IndexTotalsError",
     "PageChainVerifier",
     "decode_chunk",
     "encode_chunk",

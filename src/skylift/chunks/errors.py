@@ -9,7 +9,7 @@ __all__ = [
     "ChunkError",
     "ChunkingParamsError",
     "IndexCorruptError",
-    "IndexOverflowError",
+    "IndexTotalsError",
 ]
 
 
@@ -29,5 +29,5 @@ class ChunkDataError(ChunkError):
     """A chunk's stored bytes do not decode to the data its index entry names."""
 
 
-class IndexOverflowError(IndexCorruptError):
-    """An index describes more chunks or bytes than its trusted totals allow."""
+class IndexTotalsError(IndexCorruptError):
+    """An index describes more or fewer chunks or bytes than its trusted totals."""

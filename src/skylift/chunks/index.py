@@ -9,10 +9,13 @@ equals what page *n-1* announced.
 
 Binary layout, big-endian (see docs/bundle-format.md):
 
-    page   = "SKIP" | u32 count | 32-byte sha256 of next page | count * entry
+    page   = "SKIP" | u32 count | 32-byte sha256 of next page
+             | 32-byte sha256 of this page's chunks as stored | count * entry
     entry  = u32 length | u32 stored_length | u8 codec | 32-byte sha256 of the chunk
 
-Offsets are implied: each chunk starts where the previous one ended.
+Offsets are implied: each chunk starts where the previous one ended. The
+stored-bytes digest makes every byte of a bundle authenticated, even bits a
+decompressor would ignore (such as zstd's unused frame-header bit).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import zstandard
 
-from skylift.chunks.errors import ChunkDataError, IndexCorruptError, IndexOverflowError
+from skylift.chunks.errors import ChunkDataError, IndexCorruptError, IndexTotalsError
 from skylift.chunks.params import MAX_CHUNK_BYTES
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "PAGE_HEADER_SIZE",
     "ChunkEntry",
     "IndexBuilder",
+    "IndexPage",
     "PageChainVerifier",
     "decode_chunk",
     "encode_chunk",
@@ -47,7 +51,7 @@ CODEC_ZSTD = 1
 _CODECS = {CODEC_NONE: "none", CODEC_ZSTD: "zstd"}
 
 _ENTRY = struct.Struct(">IIB32s")
-_PAGE_HEADER = struct.Struct(">4sI32s")
+_PAGE_HEADER = struct.Struct(">4sI32s32s")
 _PAGE_MAGIC = b"SKIP"
 ENTRY_SIZE = _ENTRY.size
 PAGE_HEADER_SIZE = _PAGE_HEADER.size
@@ -121,6 +125,14 @@ def decode_chunk(
     return data
 
 
+@dataclass(frozen=True, slots=True)
+class IndexPage:
+    """A verified index page: its entries and the digest of its chunks as stored."""
+
+    entries: list[ChunkEntry]
+    stored_sha256: bytes
+
+
 class IndexBuilder:
     """Collects entries while a payload is chunked, then lays out the page chain.
 
@@ -133,18 +145,26 @@ class IndexBuilder:
             raise ValueError("entries_per_page must be within 1..65536")
         self.entries_per_page = entries_per_page
         self._packed = bytearray()
+        self._stored_digests: list[bytes] = []
+        self._page_hash = hashlib.sha256()
         self.count = 0
         self.payload_length = 0
         self.stored_length = 0
 
-    def add(self, length: int, stored_length: int, codec: int, digest: bytes) -> None:
-        """Append the next chunk's entry."""
+    def add(self, length: int, codec: int, digest: bytes, stored: bytes) -> None:
+        """Append the next chunk's entry; ``stored`` is the chunk as it is stored."""
         if not 0 < length <= MAX_CHUNK_BYTES or codec not in _CODECS or len(digest) != 32:
             raise ValueError("invalid chunk entry")
-        self._packed += _ENTRY.pack(length, stored_length, codec, digest)
+        if codec == CODEC_NONE and len(stored) != length:
+            raise ValueError("invalid chunk entry")
+        self._packed += _ENTRY.pack(length, len(stored), codec, digest)
+        self._page_hash.update(stored)
         self.count += 1
         self.payload_length += length
-        self.stored_length += stored_length
+        self.stored_length += len(stored)
+        if self.count % self.entries_per_page == 0:
+            self._stored_digests.append(self._page_hash.digest())
+            self._page_hash = hashlib.sha256()
 
     def entries(self) -> Iterator[ChunkEntry]:
         """The entries in order, with their offsets."""
@@ -161,12 +181,16 @@ class IndexBuilder:
         """
         per = self.entries_per_page * ENTRY_SIZE
         bodies = [bytes(self._packed[i : i + per]) for i in range(0, len(self._packed), per)]
+        stored = list(self._stored_digests)
+        if not bodies or self.count % self.entries_per_page:
+            stored.append(self._page_hash.copy().digest())  # the last, partly filled page
         if not bodies:
             bodies = [b""]
         pages: list[bytes] = []
         next_digest = NO_NEXT_PAGE
-        for body in reversed(bodies):
-            page = _PAGE_HEADER.pack(_PAGE_MAGIC, len(body) // ENTRY_SIZE, next_digest) + body
+        for body, stored_digest in zip(reversed(bodies), reversed(stored), strict=True):
+            count = len(body) // ENTRY_SIZE
+            page = _PAGE_HEADER.pack(_PAGE_MAGIC, count, next_digest, stored_digest) + body
             pages.append(page)
             next_digest = hashlib.sha256(page).digest()
         pages.reverse()
@@ -186,7 +210,7 @@ def parse_page_header(header: bytes, *, max_entries: int) -> int:
     """
     if len(header) != PAGE_HEADER_SIZE:
         raise IndexCorruptError("index page header is truncated")
-    magic, count, _ = _PAGE_HEADER.unpack(header)
+    magic, count, _, _ = _PAGE_HEADER.unpack(header)
     if magic != _PAGE_MAGIC:
         raise IndexCorruptError("index page has a wrong magic number")
     if count > max_entries:
@@ -221,7 +245,7 @@ class PageChainVerifier:
         """True once the last page (the one naming no successor) was accepted."""
         return self._started and self._expected == NO_NEXT_PAGE
 
-    def accept(self, page: bytes) -> list[ChunkEntry]:
+    def accept(self, page: bytes) -> IndexPage:
         """Verify ``page`` and return its entries with offsets.
 
         Raises:
@@ -232,12 +256,12 @@ class PageChainVerifier:
         if hashlib.sha256(page).digest() != self._expected:
             raise IndexCorruptError("index page does not match its digest")
         self._started = True
-        magic, count, next_digest = _PAGE_HEADER.unpack_from(page)
+        magic, count, next_digest, stored_digest = _PAGE_HEADER.unpack_from(page)
         body = memoryview(page)[PAGE_HEADER_SIZE:]
         if magic != _PAGE_MAGIC or len(body) != count * ENTRY_SIZE:
             raise IndexCorruptError("index page layout is wrong")
         if count > self._chunks_left:
-            raise IndexOverflowError("index has more chunks than the manifest declares")
+            raise IndexTotalsError("index has more chunks than the manifest declares")
         entries: list[ChunkEntry] = []
         for length, stored, codec, digest in _ENTRY.iter_unpack(body):
             if codec not in _CODECS:
@@ -247,12 +271,12 @@ class PageChainVerifier:
             if codec == CODEC_NONE and stored != length:
                 raise IndexCorruptError("raw chunk whose stored length differs from its length")
             if length > self._length_left:
-                raise IndexOverflowError("index describes more bytes than the manifest declares")
+                raise IndexTotalsError("index describes more bytes than the manifest declares")
             entries.append(ChunkEntry(self._offset, length, stored, codec, digest))
             self._offset += length
             self._length_left -= length
         self._chunks_left -= count
         self._expected = next_digest
         if self.done and (self._chunks_left or self._length_left):
-            raise IndexCorruptError("index ends before the chunks the manifest declares")
-        return entries
+            raise IndexTotalsError("index ends before the chunks and bytes the manifest declares")
+        return IndexPage(entries, stored_digest)

@@ -191,8 +191,7 @@ def _open_bundle(path: str, stack: ExitStack) -> io.BufferedReader:
 
 
 def _describe(head: BundleHead) -> dict[str, Any]:
-    m = head.manifest
-    d = m.to_dict()
+    d = head.unverified_manifest().to_dict()
     d["signatures"] = [
         {"keyid": s.keyid, "verified": s.keyid in head.verified_by} for s in head.signatures
     ]
@@ -216,7 +215,7 @@ def inspect(
     if as_json:
         typer.echo(json.dumps(_describe(head), indent=2, sort_keys=True))
         return
-    m = head.manifest
+    m = head.unverified_manifest()
     summary = Table.grid(padding=(0, 2))
     summary.add_row("product", m.product)
     summary.add_row("version", m.version)
