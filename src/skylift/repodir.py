@@ -81,18 +81,21 @@ def load_repository(path: Path) -> Repository:
     return Repository.load(_MetadataFiles(path))
 
 
-def _write_order(rel: str) -> tuple[int, str]:
+def _write_order(rel: str) -> tuple[int, int, str]:
     # Contents first, then what lists them, the entry points last: a client
     # that reads the directory mid-save finds every file it is pointed at.
+    # Root versions go in numeric order, as clients walk them one by one.
+    name = rel.rpartition("/")[2]
+    version = int(name.partition(".")[0]) if name.partition(".")[0].isdigit() else 0
     if rel == "metadata/timestamp.json":
-        return (4, rel)
+        return (4, 0, rel)
     if rel == "metadata/root.json":
-        return (3, rel)
+        return (3, 0, rel)
     if rel.endswith(".root.json"):
-        return (2, rel)
+        return (2, version, rel)
     if rel.startswith(f"{_METADATA}/"):
-        return (1, rel)
-    return (0, rel)
+        return (1, version, rel)
+    return (0, 0, rel)
 
 
 def _unchanged(dest: Path, data: bytes) -> bool:

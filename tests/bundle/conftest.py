@@ -127,8 +127,8 @@ def small_bundle(release: CryptoSigner) -> bytes:
     """A small bundle with many chunks and index pages, for exhaustive corruption tests."""
     return build(
         [release],
-        {"rootfs": realistic_payload(3000, seed=3)},
+        {"rootfs": realistic_payload(5000, seed=3)},
         hooks={"health-check": b"#!/bin/sh\ntrue\n"},
-        chunking=ChunkingParams.fixed(256),
+        chunking=ChunkingParams.fixed(512),
         entries_per_page=4,
     )

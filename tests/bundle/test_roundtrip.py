@@ -31,7 +31,7 @@ from skylift.bundle import (
 )
 from skylift.chunks import ChunkingParams
 
-from .conftest import CREATED, build, realistic_payload
+from .conftest import CREATED, build
 
 
 def _read_all(data: bytes, signer: CryptoSigner) -> tuple[dict[str, bytes], dict[str, bytes]]:
@@ -134,7 +134,7 @@ def test_threshold_of_two_keys(release: CryptoSigner, stranger: CryptoSigner) ->
         [release.public_key.keyid, stranger.public_key.keyid]
     )
     one = read_head(io.BytesIO(build([release], {"rootfs": b"x" * 1000})))
-    with pytest.raises(SignatureError, match="1 valid signature.*2 needed"):
+    with pytest.raises(SignatureError, match=r"1 valid signature.*2 needed"):
         one.verify(TrustedKeys((release.public_key, stranger.public_key), 2))
 
 

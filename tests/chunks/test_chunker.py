@@ -68,6 +68,8 @@ def test_cdc_chunks_survive_an_insertion() -> None:
 def test_fixed_blocks_have_the_block_size_but_the_last() -> None:
     lengths = [len(c) for c in iter_chunks(io.BytesIO(_data(10_000)), ChunkingParams.fixed(4096))]
     assert lengths == [4096, 4096, 1808]
+    lengths = [len(c) for c in iter_chunks(io.BytesIO(_data(2048)), ChunkingParams.fixed(512))]
+    assert lengths == [512] * 4
 
 
 def test_empty_stream_has_no_chunks() -> None:
@@ -95,6 +97,8 @@ def test_chunks_from_a_real_file(tmp_path) -> None:  # type: ignore[no-untyped-d
         (("fastcdc-2020", 65536, 16384, 262144, 1, -1), "seed"),
         (("fixed", 4096, 4096, 8192, 0, 0), "min_size == avg_size == max_size"),
         (("fixed", 32, 32, 32, 0, 0), "64 <= min_size"),
+        (("fixed", 1000, 1000, 1000, 0, 0), "power of two"),
+        (("fixed", 256, 256, 256, 0, 0), "at least 512"),
         (("fixed", "4096", 4096, 4096, 0, 0), "integer"),
     ],
 )

@@ -172,7 +172,7 @@ def test_decode_refuses_damaged_chunks(zstd_pair, mutate, message) -> None:  # t
 
 
 def test_decode_refuses_a_wrong_digest(zstd_pair) -> None:  # type: ignore[no-untyped-def]
-    c, d = zstd_pair
+    _, d = zstd_pair
     data = os.urandom(1000)
     entry = ChunkEntry(0, 1000, 1000, CODEC_NONE, hashlib.sha256(data + b"x").digest())
     with pytest.raises(ChunkDataError, match="digest mismatch"):

@@ -55,6 +55,11 @@ class ChunkingParams:
         if self.algorithm == "fixed":
             if not self.min_size == self.avg_size == self.max_size:
                 raise ChunkingParamsError("fixed chunking needs min_size == avg_size == max_size")
+            if self.avg_size < 512 or self.avg_size & (self.avg_size - 1):
+                raise ChunkingParamsError(
+                    "fixed block size must be a power of two of at least 512 (a filesystem's "
+                    "block size)"
+                )
             if self.normalization or self.seed:
                 raise ChunkingParamsError("fixed chunking takes no normalization or seed")
         else:

@@ -6,6 +6,9 @@ import sys
 
 import typer
 
+# typer (>= 0.29, pinned in pyproject) bundles its own click; usage errors derive from this.
+from typer._click.exceptions import ClickException
+
 from skylift import __version__
 from skylift.cli import bundle, keys
 from skylift.cli.common import err
@@ -58,13 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         err.print("aborted")
         return EXIT_FAILURE
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        raise
+    except ClickException as e:  # usage errors: bad option, unknown command
+        e.show()
+        return e.exit_code
     return 0
 
 

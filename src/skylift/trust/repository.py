@@ -26,16 +26,15 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
 from typing import Any, TypeVar, cast
 
 from securesystemslib.exceptions import UnverifiedSignatureError
 from securesystemslib.signer import Key, Signature, Signer
-
-# The payload classes are defined in tuf.api._payload and re-exported by
-# tuf.api.metadata without ``as`` aliases, which mypy's no-implicit-reexport
-# (switched on project-wide by the strict overrides) rejects; same classes.
-from tuf.api._payload import (
+from tuf.api.exceptions import LengthOrHashMismatchError, UnsignedMetadataError
+from tuf.api.metadata import (
     TOP_LEVEL_ROLE_NAMES,
+    Metadata,
     MetaFile,
     Root,
     Snapshot,
@@ -43,8 +42,6 @@ from tuf.api._payload import (
     Targets,
     Timestamp,
 )
-from tuf.api.exceptions import LengthOrHashMismatchError, UnsignedMetadataError
-from tuf.api.metadata import Metadata
 from tuf.api.serialization import DeserializationError, SerializationError
 
 from skylift.trust.errors import (
@@ -73,12 +70,14 @@ ROLES: tuple[str, ...] = ("root", "timestamp", "snapshot", "targets")
 #: How long each role's metadata stays valid after it is signed. Timestamp and
 #: snapshot are re-signed online by the hub; targets and root need offline keys,
 #: so they live longer.
-ROLE_EXPIRY_DEFAULTS: Mapping[str, timedelta] = {
-    "root": timedelta(days=365),
-    "targets": timedelta(days=90),
-    "snapshot": timedelta(days=7),
-    "timestamp": timedelta(days=1),
-}
+ROLE_EXPIRY_DEFAULTS: Mapping[str, timedelta] = MappingProxyType(
+    {
+        "root": timedelta(days=365),
+        "targets": timedelta(days=90),
+        "snapshot": timedelta(days=7),
+        "timestamp": timedelta(days=1),
+    }
+)
 
 #: No metadata file is read or written beyond this size: a client must not be
 #: fed endless data, and a repository this large needs delegations we lack.

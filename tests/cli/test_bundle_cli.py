@@ -1,0 +1,179 @@
+"""``skylift bundle``: create, inspect, verify and extract, and every refusal."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from .conftest import PASSPHRASE, Result, Skylift, SkyliftInProcess
+
+
+def test_inspect_table_and_json(skylift_fast: SkyliftInProcess, made: Path) -> None:
+    r = skylift_fast("bundle", "inspect", made)
+    assert r.code == 0
+    for text in ("acme-gw", "2.0.1", "board-a, board-b", "rootfs", "kernel", "fixed 4K",
+                 "health-check", "not checked"):  # fmt: skip
+        assert text in r.out, text
+    r = skylift_fast("bundle", "inspect", made, "--json", "--key", "release.pub")
+    doc = json.loads(r.out)
+    assert doc["verified"] is True and doc["signatures"][0]["verified"] is True
+    rootfs = next(p for p in doc["payloads"] if p["name"] == "rootfs")
+    image = (made.parent / "rootfs.img").read_bytes()
+    assert rootfs["sha256"] == hashlib.sha256(image).hexdigest()
+    assert rootfs["size"] == len(image)
+
+
+def test_verify_and_extract(skylift_fast: SkyliftInProcess, made: Path, tmp_path: Path) -> None:
+    r = skylift_fast("bundle", "verify", made, "--key", "release.pub", "--hardware", "board-b")
+    assert r.code == 0 and r.out.startswith("OK: acme-gw 2.0.1, signed by 1 trusted key(s)")
+    r = skylift_fast("bundle", "extract", made, "--key", "release.pub", "-o", "out",
+                "--payload", "kernel=kernel-copy.bin")  # fmt: skip
+    assert r.code == 0, r.err
+    assert (tmp_path / "out/rootfs.img").read_bytes() == (tmp_path / "rootfs.img").read_bytes()
+    assert (tmp_path / "kernel-copy.bin").read_bytes() == (tmp_path / "kernel.img").read_bytes()
+    hook = tmp_path / "out/hooks/health-check"
+    assert hook.read_text() == "#!/bin/sh\nexit 0\n" and os.access(hook, os.X_OK)
+
+
+def test_extract_from_a_pipe(skylift: Skylift, made: Path, tmp_path: Path) -> None:
+    r = skylift("bundle", "extract", "-", "--key", "release.pub", "-o", "piped",
+                stdin=made.read_bytes())  # fmt: skip
+    assert r.code == 0, r.err
+    assert (tmp_path / "piped/rootfs.img").read_bytes() == (tmp_path / "rootfs.img").read_bytes()
+
+
+def test_create_from_a_pipe(skylift: Skylift, tmp_path: Path) -> None:
+    skylift("keys", "generate", "k")
+    data = os.urandom(500_000)
+    r = skylift("bundle", "create", "--product", "p", "--version", "1", "--hardware", "h",
+                "--payload", "rootfs=-", "--key", "k.key", "-o", "p.bundle", stdin=data)  # fmt: skip
+    assert r.code == 0, r.err
+    assert skylift("bundle", "extract", "p.bundle", "--key", "k.pub", "-o", "x").code == 0
+    assert (tmp_path / "x/rootfs.img").read_bytes() == data
+
+
+def _flip(path: Path, where: float) -> Path:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0x04
+    bad = path.with_name("bad.bundle")
+    bad.write_bytes(bytes(data))
+    return bad
+
+
+def _cut(path: Path, n: int) -> Path:
+    bad = path.with_name("bad.bundle")
+    bad.write_bytes(path.read_bytes()[:n])
+    return bad
+
+
+def _version(path: Path, v: int) -> Path:
+    data = path.read_bytes()
+    bad = path.with_name("bad.bundle")
+    bad.write_bytes(data[:8] + struct.pack(">I", v) + data[12:])
+    return bad
+
+
+def _oversize(path: Path) -> Path:
+    data = path.read_bytes()
+    bad = path.with_name("bad.bundle")
+    bad.write_bytes(data[:12] + struct.pack(">I", 64 << 20) + data[16:])
+    return bad
+
+
+CASES = [
+    # (id, make the bad input, extra args, what the one error line says)
+    (
+        "bit flipped in a chunk",
+        lambda p: _flip(p, 0.6),
+        [],
+        "digest mismatch|stored chunk bytes|zstd",
+    ),
+    ("bit flipped in the manifest", lambda p: _flip(p, 0.0002), [], "valid signature|magic"),
+    ("truncated", lambda p: _cut(p, 400_000), [], "bundle ends in the middle of"),
+    ("empty file", lambda p: _cut(p, 0), [], "bundle ends in the middle of the preamble"),
+    ("unknown format version", lambda p: _version(p, 7), [], "format version 7 is not supported"),
+    ("oversized manifest", _oversize, [], "manifest declares 67108864 bytes; the limit"),
+    ("wrong key", lambda p: p, ["--key", "other.pub"], "0 valid signature"),
+    ("hardware mismatch", lambda p: p, ["--hardware", "board-z"], "not 'board-z'"),
+    ("not a file", lambda p: p.with_name("nope.bundle"), [], "cannot read"),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "args", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+@pytest.mark.parametrize("command", ["verify", "extract"])
+def test_refusals_are_one_line_and_leave_nothing(
+    skylift_fast: SkyliftInProcess,
+    made: Path,
+    tmp_path: Path,
+    make,
+    args,
+    message,
+    command,  # type: ignore[no-untyped-def]
+) -> None:
+    bad = make(made)
+    key = [] if "--key" in args else ["--key", "release.pub"]
+    extra = ["-o", "out"] if command == "extract" else []
+    r: Result = skylift_fast("bundle", command, bad, *key, *args, *extra)
+    assert r.code == 1
+    import re
+
+    assert re.search(message, r.error_line), r.error_line
+    if command == "extract":
+        left = (
+            sorted(p.name for p in (tmp_path / "out").rglob("*"))
+            if (tmp_path / "out").exists()
+            else []
+        )
+        assert left == [], left
+
+
+def test_forged_payload_name_cannot_escape(
+    skylift_fast: SkyliftInProcess, made: Path, tmp_path: Path
+) -> None:
+    """A validly signed manifest naming ../ is refused before anything is written."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from bundle.conftest import forge  # the same forging helper the library tests use
+    from skylift.trust.keys import load_private_key, signer_for
+
+    signer = signer_for(
+        load_private_key((tmp_path / "release.key").read_bytes(), PASSPHRASE.encode())
+    )
+
+    def rename(m: dict) -> None:  # type: ignore[type-arg]
+        m["payloads"][0]["name"] = "../escaped"
+
+    (tmp_path / "evil.bundle").write_bytes(forge(made.read_bytes(), signer, rename))
+    r = skylift_fast("bundle", "extract", "evil.bundle", "--key", "release.pub", "-o", "out/inner")
+    assert r.code == 1 and "'../escaped' is not allowed" in r.error_line
+    assert not (tmp_path / "out/escaped.img").exists()
+    assert not list(tmp_path.rglob("*escaped*"))
+
+
+def test_usage_errors(skylift_fast: SkyliftInProcess, skylift: Skylift, made: Path) -> None:
+    r = skylift_fast("bundle", "verify", made)
+    assert r.code == 1 and "give the release public key" in r.error_line
+    r = skylift_fast("bundle", "create", "--product", "p", "--version", "1", "--hardware", "h",
+                "--payload", "rootfs", "--key", "release.key", "-o", "x.bundle")  # fmt: skip
+    assert r.code == 1 and "--payload takes NAME=VALUE" in r.error_line
+    r = skylift_fast("bundle", "create", "--product", "p", "--version", "1", "--hardware", "h",
+                "--payload", "rootfs=rootfs.img", "--chunking", "rootfs=fixed:100",
+                "--key", "release.key", "-o", "x.bundle")  # fmt: skip
+    assert r.code == 1 and "power of two" in r.error_line and "--chunking" in r.error_line
+    r = skylift_fast("bundle", "create", "--product", "p", "--version", "1", "--hardware", "h",
+                "--payload", "../x=rootfs.img", "--key", "release.key", "-o", "x.bundle")  # fmt: skip
+    assert r.code == 1 and "not allowed" in r.error_line
+    assert not (made.parent / "x.bundle").exists()
+    assert not list(made.parent.glob(".x.bundle*")) and not list(
+        made.parent.glob(".skylift-spool*")
+    )
+    r = skylift("bundle", "frobnicate")
+    assert r.code == 2 and "Traceback" not in r.err
