@@ -12,11 +12,12 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from securesystemslib.exceptions import UnverifiedSignatureError
 from securesystemslib.signer import Key, Signature, Signer
 
 from skylift.bundle.errors import ManifestError, SignatureError
 from skylift.bundle.manifest import canonical_json
+from skylift.trust.errors import SignatureThresholdError
+from skylift.trust.repository import verify_threshold
 
 __all__ = [
     "SIGNING_CONTEXT",
@@ -27,7 +28,7 @@ __all__ = [
 ]
 
 SIGNING_CONTEXT = b"skylift-bundle-manifest-v1\x00"
-_HEX = re.compile(r"[0-9a-f]{2,1024}")
+_HEX = re.compile(r"(?:[0-9a-f]{2}){1,512}")
 _MAX_SIGNATURES = 32
 
 
@@ -94,21 +95,10 @@ class TrustedKeys:
         Raises:
             SignatureError: fewer than ``threshold`` trusted keys signed these bytes.
         """
-        by_id = {k.keyid: k for k in self.keys}
-        good = []
-        for sig in signatures:
-            key = by_id.get(sig.keyid)
-            if key is None:
-                continue
-            try:
-                key.verify_signature(sig, SIGNING_CONTEXT + manifest_bytes)
-            except UnverifiedSignatureError:
-                continue
-            good.append(sig.keyid)
-        if len(good) < self.threshold:
-            signed_by = ", ".join(s.keyid[:12] for s in signatures) or "nobody"
-            raise SignatureError(
-                f"bundle manifest has {len(good)} valid signature(s) from trusted keys, "
-                f"{self.threshold} needed (signed by key {signed_by})"
+        try:
+            return verify_threshold(
+                SIGNING_CONTEXT + manifest_bytes, signatures, self.keys, self.threshold
             )
-        return good
+        except SignatureThresholdError as e:
+            signed_by = ", ".join(s.keyid[:12] for s in signatures) or "nobody"
+            raise SignatureError(f"bundle manifest: {e.message} (signed by key {signed_by})") from e
