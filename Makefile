@@ -6,9 +6,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian packages the test suite drives (none yet beyond Python itself).
-TEST_DEBS ?=
+# Debian packages the test suite drives: mke2fs builds real ext4 images.
+TEST_DEBS ?= e2fsprogs
 BENCH_DEBS ?= zstd e2fsprogs
+DEMO_DEBS ?= e2fsprogs
 
 .PHONY: all demo test check lint typecheck imports unit bench setup clean
 
@@ -42,11 +43,12 @@ unit: setup
 test: lint typecheck imports unit
 
 demo: setup
-	$(BIN)/python -m skylift.demo
+	scripts/ensure-debs $(DEMO_DEBS)
+	$(BIN)/python -m skylift.demo .demo
 
 bench: setup
 	scripts/ensure-debs $(BENCH_DEBS)
-	$(BIN)/python bench/bundle_create.py
+	$(BIN)/python bench/bundle_create.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build src/*.egg-info
