@@ -18,8 +18,10 @@ from rich.table import Table
 
 from skylift.bundle import (
     BundleHead,
+    ChunkData,
     HookSource,
     PayloadSource,
+    TrustedKeys,
     read_body,
     read_head,
     write_bundle,
@@ -186,8 +188,16 @@ def create(
     )
 
 
-def _open_bundle(path: str, stack: ExitStack) -> io.BufferedReader:
-    return _open_input(path, stack)
+def _open_verified(
+    path: str, trusted: TrustedKeys, hardware: str | None, stack: ExitStack
+) -> tuple[io.BufferedReader, BundleHead]:
+    """Open a bundle, verify its manifest, check the hardware; the body is still to read."""
+    stream = _open_input(path, stack)
+    head = read_head(stream)
+    head.verify(trusted)
+    if hardware is not None:
+        head.manifest.require_hardware(hardware)
+    return stream, head
 
 
 def _describe(head: BundleHead) -> dict[str, Any]:
@@ -209,7 +219,7 @@ def inspect(
 ) -> None:
     """Show a bundle's manifest (reads only its head). With --key/--root, checks signatures."""
     with ExitStack() as stack:
-        head = read_head(_open_bundle(bundle, stack))
+        head = read_head(_open_input(bundle, stack))
     if key or root:
         head.verify(trusted_keys(key or [], root, threshold))
     if as_json:
@@ -258,14 +268,8 @@ def verify(
     """Check signatures, then every hook, index page and chunk, to the last byte."""
     trusted = trusted_keys(key or [], root, threshold)
     with ExitStack() as stack:
-        stream = _open_bundle(bundle, stack)
-        head = read_head(stream)
-        head.verify(trusted)
-        if hardware is not None:
-            head.manifest.require_hardware(hardware)
-        chunks = 0
-        for event in read_body(stream, head):
-            chunks += hasattr(event, "entry")
+        stream, head = _open_verified(bundle, trusted, hardware, stack)
+        chunks = sum(isinstance(e, ChunkData) for e in read_body(stream, head))
     m = head.manifest
     out.print(
         f"OK: {m.product} {m.version}, signed by {len(head.verified_by)} trusted key(s), "
@@ -292,11 +296,7 @@ def extract(
     trusted = trusted_keys(key or [], root, threshold)
     destinations = {n: Path(p) for n, p in (_split_pair(v, "--payload") for v in payload or [])}
     with ExitStack() as stack:
-        stream = _open_bundle(bundle, stack)
-        head = read_head(stream)
-        head.verify(trusted)
-        if hardware is not None:
-            head.manifest.require_hardware(hardware)
+        stream, head = _open_verified(bundle, trusted, hardware, stack)
         output_dir.mkdir(parents=True, exist_ok=True)
         done = extract_payloads(stream, head, output_dir, destinations)
     for name, dest, n in done:
