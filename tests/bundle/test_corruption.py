@@ -181,6 +181,13 @@ FORGED: list[tuple[str, Callable[[dict[str, Any]], None], type[BundleError]]] = 
     ("huge chunk size", lambda m: _payload(m)["chunking"].update(max_size=1 << 30), ManifestError),
     ("duplicate payload", lambda m: m["payloads"].append(dict(_payload(m))), ManifestError),
     ("page count", lambda m: _payload(m)["index"].update(pages=7), ManifestError),
+    ("format true, not 1", lambda m: m.update(format=True), ManifestError),
+    ("unpadded created time", lambda m: m.update(created="2026-1-5T1:2:3Z"), ManifestError),
+    (
+        "stored size",
+        lambda m: _payload(m).update(stored_size=_payload(m)["stored_size"] + 1),
+        PayloadSizeError,
+    ),
 ]
 
 

@@ -171,6 +171,17 @@ def test_decode_refuses_damaged_chunks(zstd_pair, mutate, message) -> None:  # t
         decode_chunk(entry, bad, d)
 
 
+def test_decode_refuses_bytes_after_the_frame(zstd_pair) -> None:  # type: ignore[no-untyped-def]
+    """Only one stored form per chunk: zstd would ignore what follows the frame."""
+    c, d = zstd_pair
+    data = b"hello world " * 500
+    codec, stored = encode_chunk(data, c)
+    padded = stored + b"junk"
+    entry = ChunkEntry(0, len(data), len(padded), codec, hashlib.sha256(data).digest())
+    with pytest.raises(ChunkDataError, match="exactly one zstd frame"):
+        decode_chunk(entry, padded, d)
+
+
 def test_decode_refuses_a_wrong_digest(zstd_pair) -> None:  # type: ignore[no-untyped-def]
     _, d = zstd_pair
     data = os.urandom(1000)

@@ -39,6 +39,7 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _PRODUCT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+~_-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 _MAX_PAYLOADS = 16
 _MAX_HARDWARE = 256
 
@@ -236,7 +237,10 @@ def _parse(obj: Any) -> Manifest:
         "manifest",
     )
     _require(m["type"] == MANIFEST_TYPE, "not a Skylift bundle manifest")
-    _require(m["format"] == FORMAT_VERSION, f"unsupported manifest format {m['format']!r}")
+    _require(
+        type(m["format"]) is int and m["format"] == FORMAT_VERSION,
+        f"unsupported manifest format {m['format']!r}",
+    )
     compatible = m["compatible"]
     _require(
         isinstance(compatible, list) and 1 <= len(compatible) <= _MAX_HARDWARE,
@@ -245,7 +249,10 @@ def _parse(obj: Any) -> Manifest:
     hardware = tuple(_str(h, _PRODUCT, "hardware id") for h in compatible)
     _require(len(set(hardware)) == len(hardware), "compatible lists a hardware id twice")
     created_s = m["created"]
-    _require(isinstance(created_s, str), "created must be a timestamp")
+    _require(
+        isinstance(created_s, str) and _TIMESTAMP.fullmatch(created_s) is not None,
+        "created must be a UTC time written YYYY-MM-DDTHH:MM:SSZ",
+    )
     try:
         created = datetime.strptime(created_s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     except ValueError as e:

@@ -25,7 +25,6 @@ from skylift.bundle.errors import (
     BundleError,
     ChunkDigestError,
     CorruptIndexError,
-    ManifestError,
     PayloadDigestError,
     PayloadSizeError,
     TrailingDataError,
@@ -182,8 +181,8 @@ def read_body(
     Raises:
         BundleError: the head was not verified, or anything in the body is
             truncated, corrupt, or disagrees with the manifest. Chunk and
-            index failures (:class:`~skylift.chunks.ChunkError`) are raised
-            are translated to :class:`BundleError` subclasses.
+            index failures (:class:`~skylift.chunks.ChunkError`) are
+            translated to :class:`BundleError` subclasses.
     """
     if not head.verified:
         raise BundleError("refusing to read a bundle whose manifest was not verified")
@@ -218,10 +217,11 @@ def _read_payload(
     max_entries = min(limits.max_entries_per_page, payload.index.entries_per_page)
     digest = hashlib.sha256()
     pages = 0
+    stored_total = 0
     try:
         while not chain.done:
             if pages == payload.index.pages:
-                raise ManifestError(f"{where}: index has more pages than the manifest declares")
+                raise CorruptIndexError(f"{where}: index has more pages than the manifest declares")
             header = _read_exact(stream, PAGE_HEADER_SIZE, f"the index of {where}")
             body = _read_exact(
                 stream, parse_page_header(header, max_entries=max_entries), f"the index of {where}"
@@ -232,6 +232,7 @@ def _read_payload(
             for entry in page.entries:
                 stored = _read_exact(stream, entry.stored_length, f"a chunk of {where}")
                 stored_hash.update(stored)
+                stored_total += len(stored)
                 data = decode_chunk(entry, stored, decompressor)
                 digest.update(data)
                 yield ChunkData(payload, entry, data)
@@ -242,7 +243,9 @@ def _read_payload(
     except ChunkError as e:
         raise _as_bundle_error(e, where) from e
     if pages != payload.index.pages:
-        raise PayloadSizeError(f"{where}: index has fewer pages than the manifest declares")
+        raise CorruptIndexError(f"{where}: index has fewer pages than the manifest declares")
+    if stored_total != payload.stored_size:
+        raise PayloadSizeError(f"{where}: stored size differs from the manifest")
     if digest.hexdigest() != payload.sha256:
         raise PayloadDigestError(f"{where} does not match its sha256 in the manifest")
 

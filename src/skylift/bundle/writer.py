@@ -137,7 +137,9 @@ class _Encoder:
 
     def _encode(self, data: bytes) -> tuple[int, bytes, int, bytes]:
         codec, stored = encode_chunk(data, self._compressor())
-        return len(data), hashlib.sha256(data).digest(), codec, stored
+        h = hashlib.sha256()
+        h.update(data)  # update() releases the GIL; the constructor does not (3.11)
+        return len(data), h.digest(), codec, stored
 
     def run(
         self,

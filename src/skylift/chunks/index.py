@@ -112,10 +112,14 @@ def decode_chunk(
             raise ChunkDataError(f"chunk at offset {entry.offset}: not a zstd frame") from e
         if declared != entry.length:
             raise ChunkDataError(f"chunk at offset {entry.offset}: zstd frame has the wrong size")
+        # One frame, nothing after it: exactly one stored form per chunk.
+        frame = decompressor.decompressobj()
         try:
-            data = decompressor.decompress(stored, max_output_size=entry.length)
+            data = frame.decompress(stored)
         except zstandard.ZstdError as e:
             raise ChunkDataError(f"chunk at offset {entry.offset}: zstd data is corrupt") from e
+        if not frame.eof or frame.unused_data:
+            raise ChunkDataError(f"chunk at offset {entry.offset}: not exactly one zstd frame")
     else:  # parse_page already refuses unknown codecs; keep the guard for direct callers
         raise ChunkDataError(f"chunk at offset {entry.offset}: unknown codec {entry.codec}")
     if len(data) != entry.length or hashlib.sha256(data).digest() != entry.digest:

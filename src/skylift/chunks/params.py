@@ -26,8 +26,8 @@ _MIN_CHUNK_BYTES = 64
 class ChunkingParams:
     """How a payload is cut into chunks.
 
-    ``fastcdc-2020`` is content-defined (FastCDC 2020 with the reference gear
-    table shifted by ``seed``, normalisation level ``normalization``); the
+    ``fastcdc-2020`` is content-defined (FastCDC 2020 as pyfastcdc implements
+    it, its gear table varied by ``seed``, normalisation level ``normalization``); the
     mean chunk is about ``avg_size + min_size`` bytes. ``fixed`` cuts
     ``avg_size`` blocks (``min_size`` and ``max_size`` equal it), aligned to
     a filesystem's block size.
