@@ -177,3 +177,72 @@ def test_usage_errors(skylift_fast: SkyliftInProcess, skylift: Skylift, made: Pa
     )
     r = skylift("bundle", "frobnicate")
     assert r.code == 2 and "Traceback" not in r.err
+
+
+def _root_json(tmp_path: Path, targets_key: Path) -> Path:
+    """A TUF root (made by skylift.trust) whose targets role is ``targets_key``."""
+    from datetime import UTC, datetime
+
+    from skylift.trust.keys import generate_private_key, load_private_key, signer_for
+    from skylift.trust.repository import Repository
+
+    release = signer_for(load_private_key(targets_key.read_bytes(), PASSPHRASE.encode()))
+    online = [signer_for(generate_private_key()) for _ in range(3)]
+    repo = Repository.create(
+        keys={
+            "root": [online[0].public_key],
+            "targets": [release.public_key],
+            "snapshot": [online[1].public_key],
+            "timestamp": [online[2].public_key],
+        },
+        thresholds=None,
+        signers=[release, *online],
+        now=datetime.now(UTC),
+    )
+    root = tmp_path / f"root-{targets_key.stem}.json"
+    root.write_bytes(repo.publish()["metadata/root.json"])
+    return root
+
+
+def test_trust_from_a_tuf_root(skylift_fast: SkyliftInProcess, made: Path, tmp_path: Path) -> None:
+    """--root trusts the targets role of a pinned root.json: the release key's, or nobody's."""
+    good = _root_json(tmp_path, tmp_path / "release.key")
+    other = _root_json(tmp_path, tmp_path / "other.key")
+    r = skylift_fast("bundle", "verify", made, "--root", good)
+    assert r.code == 0, r.err
+    r = skylift_fast("bundle", "inspect", made, "--root", good, "--json")
+    assert json.loads(r.out)["verified"] is True
+    r = skylift_fast("bundle", "extract", made, "--root", other, "-o", "out")
+    assert r.code == 1
+    assert "0 valid signature" in r.error_line
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    # a root.json that was tampered with does not verify by its own keys
+    doc = json.loads(good.read_text())
+    doc["signed"]["expires"] = "2099-01-01T00:00:00Z"
+    good.write_text(json.dumps(doc))
+    r = skylift_fast("bundle", "verify", made, "--root", good)
+    assert r.code == 1
+    assert "root" in r.error_line
+
+
+def test_extract_to_a_device(skylift_fast: SkyliftInProcess, made: Path) -> None:
+    """A device is written in place (never replaced by a rename)."""
+    dev = Path("/dev/null")
+    r = skylift_fast("bundle", "extract", made, "--key", "release.pub", "-o", "out",
+                     "--payload", f"rootfs={dev}")  # fmt: skip
+    assert r.code == 0, r.err
+    assert f"rootfs: 1.3 MiB -> {dev}" in r.out
+    import stat
+
+    assert stat.S_ISCHR(dev.stat().st_mode)
+    assert (made.parent / "out/kernel.img").exists()
+
+
+def test_os_errors_are_one_line(skylift_fast: SkyliftInProcess, made: Path, tmp_path: Path) -> None:
+    """A destination that cannot be written is reported in one line, not a traceback."""
+    (tmp_path / "plain").write_text("a file where a directory should be")
+    r = skylift_fast("bundle", "extract", made, "--key", "release.pub", "-o", "out",
+                     "--payload", f"rootfs={tmp_path / 'plain/sub/rootfs.img'}")  # fmt: skip
+    assert r.code == 1
+    assert "plain" in r.error_line
+    assert not (tmp_path / "out/kernel.img").exists()

@@ -9,6 +9,7 @@ device cannot be renamed); its capacity is checked first.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from pathlib import Path
@@ -80,7 +81,12 @@ class _Sink:
     def close(self) -> None:
         """Flush to stable storage; the file keeps its temporary name."""
         self.file.flush()
-        os.fsync(self.file.fileno())
+        try:
+            os.fsync(self.file.fileno())
+        except OSError as e:
+            # Character devices (and some block drivers) cannot be synced.
+            if not (self.device and e.errno in (errno.EINVAL, errno.ENOTSUP)):
+                raise
         self.file.close()
 
     def commit(self) -> None:

@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except SkyliftError as e:
         err.print(f"[bold red]error:[/] {e.diagnostics()}", markup=True, highlight=False)
         return EXIT_FAILURE
+    except OSError as e:  # disk full, permission denied, a path that vanished
+        where = f": {e.filename}" if e.filename else ""
+        err.print(f"[bold red]error:[/] {e.strerror or e}{where}", markup=True, highlight=False)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         err.print("interrupted")
         return EXIT_INTERRUPTED
