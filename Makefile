@@ -6,8 +6,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian packages the test suite drives: mke2fs builds real ext4 images.
-TEST_DEBS ?= e2fsprogs
+# Debian packages the test suite drives: mke2fs builds real ext4 images;
+# postgresql provides initdb/pg_ctl for the throwaway server the hub tests start.
+TEST_DEBS ?= e2fsprogs postgresql
 BENCH_DEBS ?= zstd e2fsprogs
 DEMO_DEBS ?= e2fsprogs
 
