@@ -766,3 +766,31 @@ def test_load_repository_needs_a_directory(tmp_path):
         load_repository(tmp_path / "missing")
     with pytest.raises(RepositoryError, match=r"root\.json is missing"):
         load_repository(tmp_path)
+
+
+def test_create_from_roots_shares_the_root(role_signers):
+    """Many repositories (the director's, one per device) trust one root."""
+    first = make_repo(role_signers)
+    roots = [first.publish()["metadata/1.root.json"]]
+    online = [*role_signers.targets, *role_signers.online]
+    a = Repository.create_from_roots(roots, signers=online, now=NOW)
+    b = Repository.create_from_roots(roots, signers=online, now=NOW + timedelta(hours=1))
+    assert a.publish()["metadata/root.json"] == b.publish()["metadata/root.json"] == roots[0]
+    a.add_target("bundle.head", length=3, hashes={"sha256": "ab" * 32})
+    a.sign_targets(role_signers.targets, now=NOW)
+    a.refresh_online(role_signers.online, now=NOW)
+    assert Repository.load(a.publish()).target_files.keys() == {"bundle.head"}
+    assert Repository.load(b.publish()).target_files == {}
+
+
+def test_create_from_roots_refuses_bad_roots_and_signers(role_signers):
+    roots = [make_repo(role_signers).publish()["metadata/1.root.json"]]
+    online = [*role_signers.targets, *role_signers.online]
+    with pytest.raises(RepositoryError, match="no root"):
+        Repository.create_from_roots([], signers=online, now=NOW)
+    doc = json.loads(roots[0])
+    doc["signed"]["expires"] = "2099-01-01T00:00:00Z"
+    with pytest.raises(RepositoryError, match="not signed by enough root keys"):
+        Repository.create_from_roots([json.dumps(doc).encode()], signers=online, now=NOW)
+    with pytest.raises(InsufficientSignaturesError):
+        Repository.create_from_roots(roots, signers=role_signers.online, now=NOW)

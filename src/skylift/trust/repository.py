@@ -371,6 +371,45 @@ class Repository:
         )
 
     @classmethod
+    def create_from_roots(
+        cls,
+        roots: Sequence[bytes],
+        *,
+        signers: Sequence[Signer],
+        now: datetime,
+        expiry: Mapping[str, timedelta] | None = None,
+    ) -> Repository:
+        """A new repository that shares existing root metadata (versions 1..N).
+
+        Used where many repositories trust one root, as the director's
+        per-device repositories do: each gets its own targets (version 1, no
+        targets), snapshot and timestamp, signed by ``signers``.
+
+        Raises:
+            RepositoryError: the roots do not form a verified chain, or use no
+                consistent snapshots.
+            InsufficientSignaturesError: the signers do not meet the targets,
+                snapshot or timestamp threshold.
+        """
+        now = _utc(now)
+        periods = _check_expiry(expiry)
+        root = _verify_root_chain(roots)
+        targets = Metadata(Targets(version=1, expires=now + periods["targets"]))
+        targets_bytes = _sign_role(targets, "targets", root, signers, "metadata/1.targets.json")
+        snapshot_bytes, timestamp_bytes = _online_pair(
+            root, targets_bytes, 1, 1, signers, now, periods
+        )
+        return cls(
+            roots=list(roots),
+            listed_targets=targets_bytes,
+            targets=targets_bytes,
+            snapshot=snapshot_bytes,
+            timestamp=timestamp_bytes,
+            contents={},
+            expiry=periods,
+        )
+
+    @classmethod
     def load(
         cls, files: Mapping[str, bytes], *, expiry: Mapping[str, timedelta] | None = None
     ) -> Repository:
@@ -392,29 +431,13 @@ class Repository:
         """
         periods = _check_expiry(expiry)
         latest = _parse(_get(files, "metadata/root.json"), Root, "metadata/root.json")
-        roots: list[bytes] = []
-        previous: Root | None = None
-        for version in range(1, latest.signed.version + 1):
-            name = f"metadata/{version}.root.json"
-            data = _get(files, name)
-            md = _parse(data, Root, name)
-            if md.signed.version != version:
-                raise RepositoryError(f"{name} holds root version {md.signed.version}")
-            try:
-                result = md.signed.get_root_verification_result(
-                    previous, md.signed_bytes, md.signatures
-                )
-            except ValueError as e:
-                raise RepositoryError(f"{name} cannot be verified: {e}") from e
-            if not result.verified:
-                raise RepositoryError(f"{name} is not signed by enough root keys")
-            roots.append(data)
-            previous = md.signed
-        if previous is None or _parse(roots[-1], Root, "root") != latest:
+        roots = [
+            _get(files, f"metadata/{version}.root.json")
+            for version in range(1, latest.signed.version + 1)
+        ]
+        root = _verify_root_chain(roots)
+        if _parse(roots[-1], Root, "root") != latest:
             raise RepositoryError("metadata/root.json differs from the latest versioned root")
-        root = latest.signed
-        if not root.consistent_snapshot:
-            raise RepositoryError("only repositories with consistent snapshots are supported")
 
         timestamp_bytes = _get(files, "metadata/timestamp.json")
         timestamp = _parse(timestamp_bytes, Timestamp, "metadata/timestamp.json")
@@ -753,6 +776,35 @@ class Repository:
         files[f"metadata/{self._snapshot_md.signed.version}.snapshot.json"] = self._snapshot
         files["metadata/timestamp.json"] = self._timestamp
         return files
+
+
+def _verify_root_chain(roots: Sequence[bytes]) -> Root:
+    """Check root versions 1..N, each signed as the one before it requires; return the last.
+
+    Raises:
+        RepositoryError: empty, out of order, malformed, insufficiently signed,
+            or without consistent snapshots.
+    """
+    previous: Root | None = None
+    for version, data in enumerate(roots, 1):
+        name = f"metadata/{version}.root.json"
+        md = _parse(data, Root, name)
+        if md.signed.version != version:
+            raise RepositoryError(f"{name} holds root version {md.signed.version}")
+        try:
+            result = md.signed.get_root_verification_result(
+                previous, md.signed_bytes, md.signatures
+            )
+        except ValueError as e:
+            raise RepositoryError(f"{name} cannot be verified: {e}") from e
+        if not result.verified:
+            raise RepositoryError(f"{name} is not signed by enough root keys")
+        previous = md.signed
+    if previous is None:
+        raise RepositoryError("there is no root metadata")
+    if not previous.consistent_snapshot:
+        raise RepositoryError("only repositories with consistent snapshots are supported")
+    return previous
 
 
 def _load_targets(files: Mapping[str, bytes], version: int, root: Root) -> bytes:
