@@ -794,3 +794,30 @@ def test_create_from_roots_refuses_bad_roots_and_signers(role_signers):
         Repository.create_from_roots([json.dumps(doc).encode()], signers=online, now=NOW)
     with pytest.raises(InsufficientSignaturesError):
         Repository.create_from_roots(roots, signers=role_signers.online, now=NOW)
+
+
+def test_offline_root_and_targets_then_online_roles(role_signers):
+    """Root and release keys sign offline; the hub's online keys sign snapshot and timestamp."""
+    from skylift.trust.repository import offline_metadata
+
+    offline = [*role_signers.root[:2], *role_signers.targets]
+    root, targets = offline_metadata(
+        keys=role_signers.keys(), thresholds={"root": 2}, signers=offline, now=NOW
+    )
+    with pytest.raises(InsufficientSignaturesError):
+        offline_metadata(
+            keys=role_signers.keys(), thresholds={"root": 2}, signers=role_signers.root[:1], now=NOW
+        )
+    repo = Repository.create_from_roots(
+        [root], signers=role_signers.online, now=NOW, targets=targets
+    )
+    files = repo.publish()
+    assert files["metadata/1.targets.json"] == targets
+    assert Repository.load(files).versions["timestamp"] == 1
+    # a targets document not signed by the release key is refused
+    forged = json.loads(targets)
+    forged["signed"]["expires"] = "2099-01-01T00:00:00Z"
+    with pytest.raises(RepositoryError, match="valid signature"):
+        Repository.create_from_roots(
+            [root], signers=role_signers.online, now=NOW, targets=json.dumps(forged).encode()
+        )

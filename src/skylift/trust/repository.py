@@ -59,6 +59,7 @@ __all__ = [
     "ROLES",
     "ROLE_EXPIRY_DEFAULTS",
     "Repository",
+    "offline_metadata",
     "role_keys",
     "verify_role_signatures",
     "verify_threshold",
@@ -344,19 +345,10 @@ class Repository:
         """
         now = _utc(now)
         periods = _check_expiry(expiry)
-        if set(keys) != TOP_LEVEL_ROLE_NAMES:
-            raise RepositoryError(f"keys must be given for exactly the roles {', '.join(ROLES)}")
-        limits = dict(thresholds or {})
-        for role in limits:
-            _check_role(role)
-        root = Root(version=1, expires=now + periods["root"], consistent_snapshot=True)
-        for role in ROLES:
-            threshold = limits.get(role, 1)
-            _check_keys(role, keys[role], threshold)
-            _set_role_keys(root, role, keys[role], threshold)
-        root_bytes = _sign_root(Metadata(root), None, signers, "metadata/1.root.json")
-        targets = Metadata(Targets(version=1, expires=now + periods["targets"]))
-        targets_bytes = _sign_role(targets, "targets", root, signers, "metadata/1.targets.json")
+        root_bytes, targets_bytes = offline_metadata(
+            keys=keys, thresholds=thresholds, signers=signers, now=now, expiry=periods
+        )
+        root = _parse(root_bytes, Root, "root").signed
         snapshot_bytes, timestamp_bytes = _online_pair(
             root, targets_bytes, 1, 1, signers, now, periods
         )
@@ -378,24 +370,34 @@ class Repository:
         signers: Sequence[Signer],
         now: datetime,
         expiry: Mapping[str, timedelta] | None = None,
+        targets: bytes | None = None,
     ) -> Repository:
-        """A new repository that shares existing root metadata (versions 1..N).
+        """A new repository on existing root metadata (versions 1..N).
 
-        Used where many repositories trust one root, as the director's
-        per-device repositories do: each gets its own targets (version 1, no
-        targets), snapshot and timestamp, signed by ``signers``.
+        Two uses: many repositories that trust one root (the director's, one
+        per device), each with its own empty targets signed by ``signers``;
+        and an image repository whose root and first targets were signed
+        offline (:func:`offline_metadata`) and are given here, so that the
+        online ``signers`` only sign snapshot and timestamp.
 
         Raises:
-            RepositoryError: the roots do not form a verified chain, or use no
-                consistent snapshots.
-            InsufficientSignaturesError: the signers do not meet the targets,
-                snapshot or timestamp threshold.
+            RepositoryError: the roots do not form a verified chain, use no
+                consistent snapshots, or ``targets`` is not version 1 signed by
+                the root's targets threshold.
+            InsufficientSignaturesError: the signers do not meet a threshold.
         """
         now = _utc(now)
         periods = _check_expiry(expiry)
         root = _verify_root_chain(roots)
-        targets = Metadata(Targets(version=1, expires=now + periods["targets"]))
-        targets_bytes = _sign_role(targets, "targets", root, signers, "metadata/1.targets.json")
+        if targets is None:
+            md = Metadata(Targets(version=1, expires=now + periods["targets"]))
+            targets_bytes = _sign_role(md, "targets", root, signers, "metadata/1.targets.json")
+        else:
+            parsed = _parse(targets, Targets, "metadata/1.targets.json")
+            _verify_loaded(parsed, "targets", root, "metadata/1.targets.json")
+            if parsed.signed.version != 1:
+                raise RepositoryError("the first targets metadata must be version 1")
+            targets_bytes = targets
         snapshot_bytes, timestamp_bytes = _online_pair(
             root, targets_bytes, 1, 1, signers, now, periods
         )
@@ -776,6 +778,43 @@ class Repository:
         files[f"metadata/{self._snapshot_md.signed.version}.snapshot.json"] = self._snapshot
         files["metadata/timestamp.json"] = self._timestamp
         return files
+
+
+def offline_metadata(
+    *,
+    keys: Mapping[str, Sequence[Key]],
+    thresholds: Mapping[str, int] | None,
+    signers: Sequence[Signer],
+    now: datetime,
+    expiry: Mapping[str, timedelta] | None = None,
+) -> tuple[bytes, bytes]:
+    """Root version 1 and an empty targets version 1 of a new repository.
+
+    What the holders of the offline keys (root and release keys) sign on
+    their own machines; the online keys then sign snapshot and timestamp
+    (:meth:`Repository.create_from_roots` with ``targets``). ``signers`` must
+    meet the root and targets thresholds only.
+
+    Raises:
+        RepositoryError: a role is missing, a threshold or key is unusable.
+        InsufficientSignaturesError: the signers do not meet root or targets.
+    """
+    now = _utc(now)
+    periods = _check_expiry(expiry)
+    if set(keys) != TOP_LEVEL_ROLE_NAMES:
+        raise RepositoryError(f"keys must be given for exactly the roles {', '.join(ROLES)}")
+    limits = dict(thresholds or {})
+    for role in limits:
+        _check_role(role)
+    root = Root(version=1, expires=now + periods["root"], consistent_snapshot=True)
+    for role in ROLES:
+        threshold = limits.get(role, 1)
+        _check_keys(role, keys[role], threshold)
+        _set_role_keys(root, role, keys[role], threshold)
+    root_bytes = _sign_root(Metadata(root), None, signers, "metadata/1.root.json")
+    targets = Metadata(Targets(version=1, expires=now + periods["targets"]))
+    targets_bytes = _sign_role(targets, "targets", root, signers, "metadata/1.targets.json")
+    return root_bytes, targets_bytes
 
 
 def _verify_root_chain(roots: Sequence[bytes]) -> Root:
