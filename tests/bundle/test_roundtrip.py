@@ -253,3 +253,16 @@ def test_payload_end_only_after_whole_payload(bundle: bytes, release: CryptoSign
         if isinstance(ev, PayloadEnd):
             assert seen == ev.payload.size
             seen = 0
+
+
+def test_head_length_is_where_payloads_start(bundle: bytes, release: CryptoSigner) -> None:
+    """The head (ADR 0004: the TUF target) is a prefix that reads and verifies on its own."""
+    head = read_head(io.BytesIO(bundle))
+    with pytest.raises(BundleError, match="not verified"):
+        _ = head.length
+    head.verify(TrustedKeys((release.public_key,)))
+    prefix = bundle[: head.length]
+    again = read_head(io.BytesIO(prefix))
+    again.verify(TrustedKeys((release.public_key,)))
+    assert prefix.endswith(b"#!/bin/sh\nexit 0\n")  # the hook is the last part of the head
+    assert bundle[head.length : head.length + 4] == b"SKIP"  # the first index page follows

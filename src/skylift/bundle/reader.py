@@ -67,8 +67,25 @@ class BundleHead:
 
     manifest_bytes: bytes
     signatures: list[Signature]
+    signature_bytes: bytes = b""
     verified_by: list[str] = field(default_factory=list)
     _manifest: Manifest | None = None
+
+    @property
+    def length(self) -> int:
+        """Bytes from the start of the bundle to its first payload: the TUF target.
+
+        Preamble, manifest, signature section and hooks (ADR 0004).
+
+        Raises:
+            BundleError: the manifest was not verified.
+        """
+        return (
+            PREAMBLE_SIZE
+            + len(self.manifest_bytes)
+            + len(self.signature_bytes)
+            + sum(h.size for h in self.manifest.hooks)
+        )
 
     @property
     def verified(self) -> bool:
@@ -169,8 +186,8 @@ def read_head(stream: ReadStream, *, limits: Limits | None = None) -> BundleHead
         _read_exact(stream, PREAMBLE_SIZE, "the preamble"), limits
     )
     manifest_bytes = _read_exact(stream, manifest_len, "the manifest")
-    signatures = decode_signatures(_read_exact(stream, signatures_len, "the signatures"))
-    return BundleHead(manifest_bytes, signatures)
+    signature_bytes = _read_exact(stream, signatures_len, "the signatures")
+    return BundleHead(manifest_bytes, decode_signatures(signature_bytes), signature_bytes)
 
 
 def read_body(
