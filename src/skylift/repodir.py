@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 from skylift.errors import UserInputError
 from skylift.fsutil import atomic_write
 from skylift.trust.errors import RepositoryError
 from skylift.trust.repository import MAX_METADATA_BYTES, Repository
 
-__all__ = ["load_repository", "save_repository"]
+__all__ = ["RepositorySink", "load_repository", "publish_to", "save_repository"]
 
 _METADATA = "metadata"
 
@@ -98,57 +99,88 @@ def _write_order(rel: str) -> tuple[int, int, str]:
     return (0, 0, rel)
 
 
-def _unchanged(dest: Path, data: bytes) -> bool:
-    try:
-        if dest.stat().st_size != len(data):
-            return False
-        with open(dest, "rb") as f:
-            return f.read(len(data) + 1) == data
-    except FileNotFoundError:
-        return False
-    except OSError as e:
-        raise UserInputError(f"cannot read {dest}: {e.strerror or e}") from e
+class RepositorySink(Protocol):
+    """Where a repository is published: a directory, an object store prefix."""
+
+    def read(self, rel: str, limit: int) -> bytes | None:
+        """The bytes published at ``rel`` (at most ``limit`` + 1), or None if absent."""
+        ...
+
+    def write(self, rel: str, data: bytes) -> None:
+        """Publish ``data`` at ``rel`` atomically."""
+        ...
+
+
+class _DirectorySink:
+    def __init__(self, root: Path) -> None:
+        self._root = root
+
+    def _dest(self, rel: str) -> Path:
+        return self._root.joinpath(*PurePosixPath(rel).parts)
+
+    def read(self, rel: str, limit: int) -> bytes | None:
+        dest = self._dest(rel)
+        try:
+            with open(dest, "rb") as f:
+                return f.read(limit + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise UserInputError(f"cannot read {dest}: {e.strerror or e}") from e
+
+    def write(self, rel: str, data: bytes) -> None:
+        dest = self._dest(rel)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(dest, data)
+        except OSError as e:
+            raise UserInputError(f"cannot write {dest}: {e.strerror or e}") from e
+
+
+def publish_to(sink: RepositorySink, repo: Repository) -> list[str]:
+    """Publish ``repo`` through ``sink``; return the relative paths written.
+
+    Files already there with the same content are left alone. A versioned
+    file (``N.root.json``, ``N.targets.json``, ``N.snapshot.json``, a
+    hash-prefixed target) is immutable once published: finding one with
+    other content means two repositories share the place, and nothing is
+    written over it. Everything is checked before anything is written, and
+    writes go in an order that never shows a client a dangling reference.
+
+    Raises:
+        RepositoryError: targets have unsigned changes, or a published
+            versioned file would change.
+    """
+    files = repo.publish()
+    pending: list[tuple[str, bytes]] = []
+    for rel in sorted(files, key=_write_order):
+        parts = PurePosixPath(rel).parts
+        if rel.startswith("/") or not parts or any(p in ("", ".", "..") for p in parts):
+            raise RepositoryError(f"refusing to write outside the repository: {rel!r}")
+        data = files[rel]
+        existing = sink.read(rel, len(data))
+        if existing == data:
+            continue
+        mutable = rel in ("metadata/root.json", "metadata/timestamp.json")
+        if not mutable and existing is not None:
+            raise RepositoryError(
+                f"{rel} is already published with other content",
+                hint="versioned files never change; is this place another repository?",
+            )
+        pending.append((rel, data))
+    for rel, data in pending:
+        sink.write(rel, data)
+    return [rel for rel, _ in pending]
 
 
 def save_repository(path: Path, repo: Repository) -> list[str]:
     """Write ``repo`` into directory ``path``; return the relative paths written.
 
-    Files already there with the same content are left alone. A versioned
-    file (``N.root.json``, ``N.targets.json``, ``N.snapshot.json``, a
-    hash-prefixed target) is immutable once published: finding one with
-    other content means two repositories share the directory, and nothing
-    is written over it.
+    See :func:`publish_to` for what is written and refused.
 
     Raises:
         RepositoryError: targets have unsigned changes, or a published
             versioned file would change.
         UserInputError: a file cannot be read or written.
     """
-    path = Path(path)
-    files = repo.publish()
-    pending: list[tuple[str, Path, bytes]] = []
-    for rel in sorted(files, key=_write_order):
-        parts = PurePosixPath(rel).parts
-        if rel.startswith("/") or not parts or any(p in ("", ".", "..") for p in parts):
-            raise RepositoryError(f"refusing to write outside the repository: {rel!r}")
-        dest = path.joinpath(*parts)
-        data = files[rel]
-        if _unchanged(dest, data):
-            continue
-        mutable = rel in ("metadata/root.json", "metadata/timestamp.json")
-        if not mutable and dest.exists():
-            raise RepositoryError(
-                f"{rel} is already published with other content",
-                hint="versioned files never change; is this directory another repository?",
-            )
-        pending.append((rel, dest, data))
-    # Checked everything before writing anything, so a refusal leaves the directory as it was.
-    written: list[str] = []
-    for rel, dest, data in pending:
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(dest, data)
-        except OSError as e:
-            raise UserInputError(f"cannot write {dest}: {e.strerror or e}") from e
-        written.append(rel)
-    return written
+    return publish_to(_DirectorySink(Path(path)), repo)
