@@ -821,3 +821,31 @@ def test_offline_root_and_targets_then_online_roles(role_signers):
         Repository.create_from_roots(
             [root], signers=role_signers.online, now=NOW, targets=json.dumps(forged).encode()
         )
+
+
+def test_sign_next_targets_adds_one_target_offline(role_signers):
+    from skylift.trust.repository import sign_next_targets
+
+    repo = make_repo(role_signers)
+    files = repo.publish()
+    new = sign_next_targets(
+        files["metadata/1.targets.json"],
+        path="2.0.0.head",
+        content=b"head",
+        custom={"version": "2.0.0"},
+        signers=role_signers.targets,
+        root=files["metadata/root.json"],
+        now=NOW,
+    )
+    md = parse(new)
+    assert md.signed.version == 2
+    assert md.signed.targets["2.0.0.head"].custom == {"version": "2.0.0"}
+    assert md.signed.targets["2.0.0.head"].hashes == {"sha256": hashlib.sha256(b"head").hexdigest()}
+    staged = {**files, "metadata/2.targets.json": new}
+    assert Repository.load(staged).versions["targets"] == 2  # pending, verified against root
+    with pytest.raises(RepositoryError, match="exists already"):
+        sign_next_targets(new, path="2.0.0.head", content=b"x", custom=None,
+                          signers=role_signers.targets, root=files["metadata/root.json"], now=NOW)  # fmt: skip
+    with pytest.raises(InsufficientSignaturesError):
+        sign_next_targets(new, path="3.0.0.head", content=b"x", custom=None,
+                          signers=role_signers.online, root=files["metadata/root.json"], now=NOW)  # fmt: skip

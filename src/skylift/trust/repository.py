@@ -61,6 +61,8 @@ __all__ = [
     "Repository",
     "offline_metadata",
     "role_keys",
+    "sign_next_targets",
+    "target_content_path",
     "verify_role_signatures",
     "verify_threshold",
 ]
@@ -250,7 +252,8 @@ def _check_hashes(path: str, hashes: Mapping[str, str]) -> dict[str, str]:
     return {_HASH_ALGORITHM: sha, **{a: v for a, v in hashes.items() if a != _HASH_ALGORITHM}}
 
 
-def _content_path(target: TargetFile) -> str:
+def target_content_path(target: TargetFile) -> str:
+    """Where a target's content is published: ``targets/<dir>/<sha256>.<name>``."""
     parent, sep, name = target.path.rpartition("/")
     return f"targets/{parent}{sep}{target.hashes[_HASH_ALGORITHM]}.{name}"
 
@@ -471,7 +474,7 @@ class Repository:
         contents: dict[str, bytes] = {}
         for data in {listed_bytes, targets_bytes}:
             for target in _parse(data, Targets, "targets").signed.targets.values():
-                path = _content_path(target)
+                path = target_content_path(target)
                 content = files.get(path)
                 if content is None:
                     continue
@@ -604,7 +607,7 @@ class Repository:
         target = self.add_target(
             path, length=len(content), hashes={_HASH_ALGORITHM: _sha256(content)}, custom=custom
         )
-        self._contents[_content_path(target)] = bytes(content)
+        self._contents[target_content_path(target)] = bytes(content)
         return target
 
     def remove_target(self, path: str) -> None:
@@ -772,7 +775,7 @@ class Repository:
             version = _parse(data, Targets, "targets").signed.version
             files[f"metadata/{version}.targets.json"] = data
             for target in _parse(data, Targets, "targets").signed.targets.values():
-                path = _content_path(target)
+                path = target_content_path(target)
                 if path in self._contents:
                     files[path] = self._contents[path]
         files[f"metadata/{self._snapshot_md.signed.version}.snapshot.json"] = self._snapshot
@@ -815,6 +818,46 @@ def offline_metadata(
     targets = Metadata(Targets(version=1, expires=now + periods["targets"]))
     targets_bytes = _sign_role(targets, "targets", root, signers, "metadata/1.targets.json")
     return root_bytes, targets_bytes
+
+
+def sign_next_targets(
+    current: bytes,
+    *,
+    path: str,
+    content: bytes,
+    custom: Mapping[str, Any] | None,
+    signers: Sequence[Signer],
+    root: bytes,
+    now: datetime,
+    expiry: timedelta = ROLE_EXPIRY_DEFAULTS["targets"],
+) -> bytes:
+    """The next targets version: ``current`` plus a target for ``content``, signed offline.
+
+    What a release engineer signs (``skylift release push``): the hub then
+    lists it with its online keys. ``root`` is the repository's current root,
+    whose targets role ``signers`` must satisfy.
+
+    Raises:
+        RepositoryError: ``current`` or ``root`` is malformed, ``path`` is invalid
+            or already a target.
+        InsufficientSignaturesError: the signers do not meet the targets threshold.
+    """
+    _check_target_path(path)
+    md = _parse(current, Targets, "targets")
+    root_md = _parse(root, Root, "root")
+    if path in md.signed.targets:
+        raise RepositoryError(f"target {path} exists already", hint="release a new version")
+    md.signed.targets[path] = TargetFile(
+        length=len(content),
+        hashes={_HASH_ALGORITHM: _sha256(content)},
+        path=path,
+        unrecognized_fields={"custom": copy.deepcopy(dict(custom))} if custom else {},
+    )
+    md.signed.version += 1
+    md.signed.expires = _utc(now) + expiry
+    return _sign_role(
+        md, "targets", root_md.signed, signers, f"metadata/{md.signed.version}.targets.json"
+    )
 
 
 def _verify_root_chain(roots: Sequence[bytes]) -> Root:
