@@ -77,12 +77,32 @@ def test_events_come_in_order(bundle: bytes, release: CryptoSigner) -> None:
     assert compact == [
         "HookData",
         "PayloadStart",
+        "IndexPageData",
         "ChunkData",
         "PayloadEnd",
         "PayloadStart",
+        "IndexPageData",
         "ChunkData",
         "PayloadEnd",
     ]
+
+
+def test_pages_and_stored_chunks_are_the_bundles_bytes(
+    bundle: bytes, release: CryptoSigner
+) -> None:
+    """What release push uploads: the index pages and chunks exactly as stored."""
+    from skylift.bundle import IndexPageData
+
+    stream = io.BytesIO(bundle)
+    head = read_head(stream)
+    head.verify(TrustedKeys((release.public_key,)))
+    rebuilt = bytearray(bundle[: head.length])
+    for ev in read_body(stream, head):
+        if isinstance(ev, IndexPageData):
+            rebuilt += ev.page
+        elif isinstance(ev, ChunkData):
+            rebuilt += ev.stored
+    assert bytes(rebuilt) == bundle
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])

@@ -47,6 +47,7 @@ __all__ = [
     "BundleHead",
     "ChunkData",
     "HookData",
+    "IndexPageData",
     "PayloadEnd",
     "PayloadStart",
     "ReadStream",
@@ -142,12 +143,21 @@ class PayloadStart:
 
 
 @dataclass(frozen=True)
+class IndexPageData:
+    """One verified index page of a payload, as bytes (the hub stores them)."""
+
+    payload: PayloadEntry
+    page: bytes
+
+
+@dataclass(frozen=True)
 class ChunkData:
-    """One verified chunk of a payload, in order."""
+    """One verified chunk of a payload, in order: its content and its stored form."""
 
     payload: PayloadEntry
     entry: ChunkEntry
     data: bytes
+    stored: bytes
 
 
 @dataclass(frozen=True)
@@ -157,7 +167,7 @@ class PayloadEnd:
     payload: PayloadEntry
 
 
-Event = HookData | PayloadStart | ChunkData | PayloadEnd
+Event = HookData | PayloadStart | IndexPageData | ChunkData | PayloadEnd
 
 
 def _read_exact(stream: ReadStream, n: int, what: str) -> bytes:
@@ -223,7 +233,7 @@ def _read_payload(
     payload: PayloadEntry,
     limits: Limits,
     decompressor: zstandard.ZstdDecompressor,
-) -> Iterator[ChunkData]:
+) -> Iterator[IndexPageData | ChunkData]:
     where = f"payload {payload.name!r}"
     chain = PageChainVerifier(
         bytes.fromhex(payload.index.first_page_sha256),
@@ -245,6 +255,7 @@ def _read_payload(
             )
             pages += 1
             page = chain.accept(header + body)
+            yield IndexPageData(payload, header + body)
             stored_hash = hashlib.sha256()
             for entry in page.entries:
                 stored = _read_exact(stream, entry.stored_length, f"a chunk of {where}")
@@ -252,7 +263,7 @@ def _read_payload(
                 stored_total += len(stored)
                 data = decode_chunk(entry, stored, decompressor)
                 digest.update(data)
-                yield ChunkData(payload, entry, data)
+                yield ChunkData(payload, entry, data, stored)
             # Each chunk above was verified by the digest of its content; this
             # also catches changes a decompressor ignores, so no byte goes unchecked.
             if stored_hash.digest() != page.stored_sha256:
