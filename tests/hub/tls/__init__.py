@@ -1,0 +1,1 @@
+"""Tests of the hub CA and of mutual TLS."""
