@@ -8,6 +8,7 @@ partial one.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import BinaryIO
 from skylift.errors import UserInputError
 
 __all__ = ["atomic_write", "atomic_writer", "fsync_dir", "read_bounded"]
+
+_TEMP_COUNTER = itertools.count()
 
 
 def fsync_dir(path: Path) -> None:
@@ -37,7 +40,8 @@ def atomic_writer(path: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
-    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
+    # Process and a per-process counter: two writers of one path never share a temp file.
+    tmp = directory / f".{path.name}.tmp-{os.getpid()}-{next(_TEMP_COUNTER)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)  # the umask may have narrowed it; never widen beyond ``mode``
