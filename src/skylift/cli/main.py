@@ -10,7 +10,7 @@ import typer
 from typer._click.exceptions import ClickException
 
 from skylift import __version__
-from skylift.cli import bundle, keys
+from skylift.cli import bundle, hub, keys, remote
 from skylift.cli.common import err
 from skylift.errors import SkyliftError
 
@@ -24,6 +24,12 @@ app = typer.Typer(
 )
 app.add_typer(keys.app, name="keys")
 app.add_typer(bundle.app, name="bundle")
+app.add_typer(hub.app, name="hub")
+app.command("login")(remote.login)
+app.add_typer(remote.product_app, name="product")
+app.add_typer(remote.release_app, name="release")
+app.add_typer(remote.devices_app, name="devices")
+app.add_typer(remote.deploy_app, name="deploy")
 
 
 def _version(value: bool) -> None:
