@@ -127,8 +127,8 @@ def _parse_targets(data: bytes) -> Targets:
     return md.signed
 
 
-class ImageRepositories:
-    """Per-product image repositories in ``store``; the hub holds only online keys."""
+class _OnlineRepositories:
+    """What the image repositories and the director share: a store, online keys, a clock."""
 
     def __init__(
         self,
@@ -140,6 +140,19 @@ class ImageRepositories:
         self._store = store
         self._online = list(online)
         self._clock = clock
+
+    def _refresh(self, repo: Repository, sink: _StoreSink | _DeviceSink, margin: timedelta) -> bool:
+        """Re-sign snapshot and timestamp if a role expires within ``margin``; True if done."""
+        now = self._clock()
+        if not repo.expiring(now, margin):
+            return False
+        repo.refresh_online(self._online, now=now)
+        publish_to(sink, repo)
+        return True
+
+
+class ImageRepositories(_OnlineRepositories):
+    """Per-product image repositories in ``store``; the hub holds only online keys."""
 
     def _prefix(self, product: str) -> str:
         return f"image/{_check_name(product, _NAME, 'product')}/"
@@ -243,13 +256,9 @@ class ImageRepositories:
 
     def refresh(self, product: str, *, margin: timedelta = REFRESH_MARGIN) -> bool:
         """Re-sign snapshot and timestamp if they expire within ``margin``; True if done."""
-        repo = self.load(product)
-        now = self._clock()
-        if not repo.expiring(now, margin):
-            return False
-        repo.refresh_online(self._online, now=now)
-        publish_to(_StoreSink(self._store, self._prefix(product)), repo)
-        return True
+        return self._refresh(
+            self.load(product), _StoreSink(self._store, self._prefix(product)), margin
+        )
 
 
 class _Overlay(Mapping[str, bytes]):
@@ -308,7 +317,7 @@ class _DeviceSink:
         self._device.write(rel, data)
 
 
-class Director:
+class Director(_OnlineRepositories):
     """The director: what each device must install now, signed with online keys.
 
     One root (its key made by ``skylift hub init``) is shared by every device;
@@ -318,17 +327,6 @@ class Director:
     """
 
     _ROOT_PREFIX = "director/root/"
-
-    def __init__(
-        self,
-        store: ObjectStore,
-        *,
-        online: Sequence[Signer],
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-    ) -> None:
-        self._store = store
-        self._online = list(online)
-        self._clock = clock
 
     def _device_prefix(self, device_id: str) -> str:
         return f"director/devices/{_check_name(device_id, _DEVICE, 'device')}/"
@@ -428,10 +426,4 @@ class Director:
 
     def refresh(self, device_id: str, *, margin: timedelta = REFRESH_MARGIN) -> bool:
         """Re-sign ``device_id``'s snapshot and timestamp if they expire within ``margin``."""
-        repo = Repository.load(self._files(device_id))
-        now = self._clock()
-        if not repo.expiring(now, margin):
-            return False
-        repo.refresh_online(self._online, now=now)
-        publish_to(self._sink(device_id), repo)
-        return True
+        return self._refresh(Repository.load(self._files(device_id)), self._sink(device_id), margin)
