@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,9 +33,24 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from skylift.errors import SkyliftError
+from skylift.device_identity import (
+    DEVICE_ID,
+    DEVICE_URI_PREFIX,
+    MAX_CN_CHARS,
+    CertificateError,
+    DeviceIdError,
+    DevicePrivateKey,
+    device_subject,
+    device_uri,
+    generate_device_key,
+    hash_for,
+    make_csr,
+    private_key_pem,
+    validate_device_id,
+)
 
 __all__ = [
+    "DEVICE_ID",
     "DEVICE_URI_PREFIX",
     "MAX_CSR_BYTES",
     "BadCertificateSignatureError",
@@ -65,17 +79,13 @@ __all__ = [
     "verify_device_cert",
 ]
 
-DEVICE_URI_PREFIX = "urn:skylift:device:"
 """A device certificate's SAN URI is this prefix followed by the device id."""
 
 MAX_CSR_BYTES = 16 * 1024
 """Largest CSR accepted, checked before parsing: a P-256 CSR is under 1 KiB."""
 
-_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 # X.520 upper bound for a common name; longer device ids live only in the SAN.
-_MAX_CN_CHARS = 64
-
 # Certificates start a little in the past so that a device or peer whose clock
 # lags the hub's by a few minutes does not see a fresh certificate as "not yet
 # valid". Five minutes is what public CAs and cfssl use.
@@ -88,17 +98,10 @@ _DEFAULT_SERVER_LIFETIME = timedelta(days=397)
 # hub's device registry, not expiry.
 _DEFAULT_DEVICE_LIFETIME = timedelta(days=15 * 365)
 
-DevicePrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-"""Private keys a device may hold: P-256 (preferred) or ed25519."""
-
 _CAPrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class CertificateError(SkyliftError):
-    """A certificate, CSR or device id cannot be trusted or used."""
 
 
 class MalformedCertificateError(CertificateError):
@@ -135,10 +138,6 @@ class CSRError(CertificateError):
     """A CSR is oversized, malformed, badly self-signed, or holds a refused key type."""
 
 
-class DeviceIdError(CertificateError):
-    """A device id is not of the allowed form, or a certificate names no single device."""
-
-
 # --------------------------------------------------------------------------- values
 
 
@@ -167,59 +166,6 @@ class CAInfo(TypedDict):
 # --------------------------------------------------------------------------- keys and CSRs
 
 
-def generate_device_key() -> ec.EllipticCurvePrivateKey:
-    """A fresh P-256 private key for a device (see the module docstring for why P-256)."""
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def private_key_pem(key: DevicePrivateKey) -> bytes:
-    """``key`` as unencrypted PKCS#8 PEM; the caller stores it with mode 0600."""
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def make_csr(private_key: DevicePrivateKey, device_id: str) -> bytes:
-    """A PEM CSR for ``device_id`` signed by ``private_key``; what an agent sends to enroll.
-
-    The hub ignores the CSR's subject and extensions; they are filled in only so
-    that the request describes itself to a human reading it.
-
-    Raises:
-        DeviceIdError: ``device_id`` is not of the allowed form.
-    """
-    validate_device_id(device_id)
-    builder = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(_device_subject(device_id))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(_device_uri(device_id))]),
-            critical=False,
-        )
-    )
-    csr = builder.sign(private_key, _hash_for(private_key))
-    return csr.public_bytes(serialization.Encoding.PEM)
-
-
-def validate_device_id(device_id: str) -> str:
-    """Return ``device_id`` if it is 1-128 characters of ``[A-Za-z0-9._:-]`` starting alphanumeric.
-
-    The form keeps ids safe in URLs, file names, log lines and URNs.
-
-    Raises:
-        DeviceIdError: it is not.
-    """
-    if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
-        shown = repr(device_id) if len(str(device_id)) <= 40 else repr(str(device_id)[:40]) + "..."
-        raise DeviceIdError(
-            f"invalid device id {shown}: use 1-128 characters from A-Z a-z 0-9 . _ : -, "
-            "starting with a letter or digit"
-        )
-    return device_id
-
-
 # --------------------------------------------------------------------------- issuing
 
 
@@ -236,8 +182,8 @@ def create_ca(
         ValueError: ``now`` is not timezone-aware.
     """
     now = _aware(now)
-    if not 1 <= len(common_name) <= _MAX_CN_CHARS:
-        raise CertificateError(f"CA common name must be 1-{_MAX_CN_CHARS} characters")
+    if not 1 <= len(common_name) <= MAX_CN_CHARS:
+        raise CertificateError(f"CA common name must be 1-{MAX_CN_CHARS} characters")
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
@@ -306,7 +252,7 @@ def issue_server_cert(
             raise CertificateError(f"{ip!r} is not an IP address") from None
     ca_cert, ca_key = _load_ca(ca_cert_pem, ca_key_pem)
     key = ec.generate_private_key(ec.SECP256R1())
-    cn = (hostnames or ips)[0][:_MAX_CN_CHARS]
+    cn = (hostnames or ips)[0][:MAX_CN_CHARS]
     builder = _leaf_builder(
         ca_cert,
         subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]),
@@ -315,7 +261,7 @@ def issue_server_cert(
         valid_for=valid_for,
         eku=ExtendedKeyUsageOID.SERVER_AUTH,
     ).add_extension(x509.SubjectAlternativeName(names), critical=False)
-    cert = builder.sign(ca_key, _hash_for(ca_key))
+    cert = builder.sign(ca_key, hash_for(ca_key))
     return cert.public_bytes(serialization.Encoding.PEM), private_key_pem(key)
 
 
@@ -363,11 +309,11 @@ def issue_device_cert(
     ca_cert, ca_key = _load_ca(ca_cert_pem, ca_key_pem)
     if not ca_cert.not_valid_before_utc <= now <= ca_cert.not_valid_after_utc:
         raise CertificateError("the device CA is not valid now; it cannot issue certificates")
-    uri = x509.UniformResourceIdentifier(_device_uri(device_id))
+    uri = x509.UniformResourceIdentifier(device_uri(device_id))
     cert = (
         _leaf_builder(
             ca_cert,
-            subject=_device_subject(device_id),
+            subject=device_subject(device_id),
             public_key=public_key,
             now=now,
             valid_for=valid_for,
@@ -377,9 +323,9 @@ def issue_device_cert(
         # SAN carries the identity and must be critical.
         .add_extension(
             x509.SubjectAlternativeName([uri]),
-            critical=len(device_id) > _MAX_CN_CHARS,
+            critical=len(device_id) > MAX_CN_CHARS,
         )
-        .sign(ca_key, _hash_for(ca_key))
+        .sign(ca_key, hash_for(ca_key))
     )
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -539,21 +485,6 @@ def _aware(now: datetime) -> datetime:
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("now must be a timezone-aware datetime")
     return now.astimezone(UTC)
-
-
-def _device_uri(device_id: str) -> str:
-    return DEVICE_URI_PREFIX + device_id
-
-
-def _device_subject(device_id: str) -> x509.Name:
-    if len(device_id) > _MAX_CN_CHARS:
-        return x509.Name([])
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
-
-
-def _hash_for(key: _CAPrivateKey) -> hashes.SHA256 | None:
-    # Ed25519 signs the message itself and takes no separate hash.
-    return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
 
 def _device_public_key(

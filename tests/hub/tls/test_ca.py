@@ -295,7 +295,18 @@ def test_bad_csr_is_refused(pki: PKI, make_csr: Callable[[PKI], bytes], fragment
     assert fragment in one_line(exc_info.value)
 
 
-BAD_IDS = ["../x", "", "a" * 200, "has space", "-leading-dash", ".hidden", "dev/1", "dév", "dev\n1"]
+BAD_IDS = [
+    "../x",
+    "",
+    "a" * 200,
+    "has space",
+    "-leading-dash",
+    ".hidden",
+    "dev/1",
+    "dév",
+    "dev\n1",
+    "acme:sensor",
+]
 
 
 @pytest.mark.parametrize("device_id", BAD_IDS, ids=repr)
@@ -308,7 +319,7 @@ def test_bad_device_id_is_refused(pki: PKI, device_id: str) -> None:
         ca.make_csr(ca.generate_device_key(), device_id)
 
 
-@pytest.mark.parametrize("device_id", ["a", "A1", "dev-0001", "acme:sensor.v2_1", "9" * 128])
+@pytest.mark.parametrize("device_id", ["a", "A1", "dev-0001", "acme.sensor-v2_1", "9" * 128])
 def test_good_device_ids(device_id: str) -> None:
     assert ca.validate_device_id(device_id) == device_id
 
