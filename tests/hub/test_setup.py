@@ -30,7 +30,7 @@ def test_init_makes_a_private_hub_that_opens(tmp_path: Path, db: MigratedDatabas
         assert stat.S_IMODE((hub / key).stat().st_mode) == 0o600, key
     ctx = open_hub(result.config)
     assert len(ctx.director.roots()) == 1
-    with ctx.transaction() as session:
+    with ctx.sessions.begin() as session:
         who = authenticate(ctx, session, f"Bearer {result.admin_token}")
         assert who.role is Role.ADMIN
         assert session.scalar(select(func.count()).select_from(User)) == 1

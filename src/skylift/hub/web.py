@@ -21,7 +21,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 from securesystemslib.signer import Signer
@@ -42,6 +42,7 @@ from skylift.hub.auth import (
 )
 from skylift.hub.config import HubConfig
 from skylift.hub.content import ContentError, ReleaseContent
+from skylift.hub.db.engine import SQLITE_BEGIN_IMMEDIATE
 from skylift.hub.db.models import ApiToken, AuditEntry
 from skylift.hub.repositories import (
     Director,
@@ -170,7 +171,8 @@ async def read_json(request: Request, limit: int = MAX_JSON_BYTES) -> dict[str, 
     body = await read_body(request, limit)
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        # RecursionError: a megabyte of "[" nests deeper than the parser goes.
         raise UserInputError("the request body is not valid JSON") from e
     if not isinstance(doc, dict):
         raise UserInputError("the request body must be a JSON object")
@@ -209,9 +211,19 @@ class HubContext:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        """A session that commits on success and rolls back on any exception."""
+        """A session that commits on success and rolls back on any exception.
+
+        On SQLite it holds the write lock from the start (BEGIN IMMEDIATE):
+        concurrent read-then-write transactions wait their turn instead of
+        failing. PostgreSQL ignores the option.
+        """
         with self.sessions.begin() as session:
+            session.connection(execution_options={SQLITE_BEGIN_IMMEDIATE: True})
             yield session
+
+
+#: ``api_tokens.last_used`` is written at most this often per token.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 def authenticate(ctx: HubContext, session: Session, authorization: str | None) -> Principal:
@@ -229,8 +241,13 @@ def authenticate(ctx: HubContext, session: Session, authorization: str | None) -
     ).one_or_none()
     if token is None or not secret_matches(value, token.token_hash) or token.revoked:
         raise AuthError("the API token is unknown or revoked")
-    if token.expires is not None and token.expires <= ctx.clock():
+    now = ctx.clock()
+    if token.expires is not None and token.expires <= now:
         raise AuthError("the API token has expired")
+    # When a token was last used is what tells an admin which are dead; to the
+    # minute is enough, and spares a write per request.
+    if token.last_used is None or now - token.last_used >= LAST_USED_RESOLUTION:
+        token.last_used = now
     return Principal(token.org_id, Role.parse(str(token.role)), token.name, token.id)
 
 

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from skylift.errors import SkyliftError
 
 __all__ = [
+    "SQLITE_BEGIN_IMMEDIATE",
     "DatabaseError",
     "alembic_config",
     "current_revision",
@@ -57,8 +58,11 @@ POSTGRES_POOL_RECYCLE_S = 1_800
 # works; this one is "skylift" in ASCII, which fits a bigint.
 _MIGRATION_LOCK_KEY = 0x736B796C696674
 
-# Execution option: begin SQLite transactions with BEGIN IMMEDIATE.
-_SQLITE_IMMEDIATE = "skylift_sqlite_begin_immediate"
+#: Execution option: begin SQLite transactions with BEGIN IMMEDIATE, which takes
+#: the write lock at once (waiting up to the busy timeout). A deferred BEGIN that
+#: reads and then writes fails at once with "database is locked" when another
+#: writer came in between: SQLite cannot wait for that upgrade.
+SQLITE_BEGIN_IMMEDIATE = "skylift_sqlite_begin_immediate"
 
 _POSTGRES_DRIVERS = {"postgresql", "postgres", "postgresql+psycopg"}
 _SQLITE_DRIVERS = {"sqlite", "sqlite+pysqlite"}
@@ -172,7 +176,7 @@ def _sqlite_engine(u: URL, *, echo: bool) -> Engine:
         # Deferred by default: reads (the poll path) do not take the write
         # lock. Migrations take it at once, so that a second process waits
         # for the first instead of failing half-way.
-        immediate = connection.get_execution_options().get(_SQLITE_IMMEDIATE, False)
+        immediate = connection.get_execution_options().get(SQLITE_BEGIN_IMMEDIATE, False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
@@ -280,7 +284,7 @@ def upgrade(target: str | Engine) -> None:
         DatabaseError: cannot connect, the database was migrated by a newer
             Skylift (unknown revision), or a migration step failed.
     """
-    with _engine_for(target) as engine, _connect(engine, **{_SQLITE_IMMEDIATE: True}) as conn:
+    with _engine_for(target) as engine, _connect(engine, **{SQLITE_BEGIN_IMMEDIATE: True}) as conn:
         try:
             with conn.begin():
                 if conn.dialect.name == "postgresql":

@@ -433,6 +433,8 @@ class Device(Base):
         Index(None, "org_id", "hardware_id"),
         Index(None, "org_id", "state"),
         Index(None, "org_id", "last_seen"),
+        # Every hub process re-reads recent revocations each second.
+        Index(None, "revoked_at"),
         CheckConstraint("progress IS NULL OR (progress >= 0 AND progress <= 100)", name="progress"),
     )
     _repr_fields = ("id", "device_id", "org_id", "product_id", "hardware_id", "state", "revoked")
@@ -711,7 +713,9 @@ class DirectorTargets(Base):
     """
 
     __tablename__ = "director_targets"
-    __table_args__ = (Index(None, "expires"),)
+    # expires: re-signing before expiry; updated: every hub process re-reads
+    # recent changes each second to drop cached poll answers.
+    __table_args__ = (Index(None, "expires"), Index(None, "updated"))
     _repr_fields = ("device_id", "version", "expires")
 
     device_id: Mapped[int] = mapped_column(
