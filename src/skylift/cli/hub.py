@@ -6,7 +6,6 @@ commands run, so a device install without them still has a working CLI.
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import logging
 import os
@@ -94,7 +93,7 @@ def serve(
     """Run the device gateway and the management API until interrupted."""
     from skylift.hub.config import load_config
     from skylift.hub.db.engine import upgrade
-    from skylift.hub.server import serve_hub
+    from skylift.hub.server import run_hub
     from skylift.hub.setup import open_hub
 
     logging.basicConfig(
@@ -102,4 +101,4 @@ def serve(
     )
     config = load_config(directory).with_overrides(database_url=database, storage_url=storage)
     upgrade(config.database_url)  # idempotent: a new version migrates on start
-    asyncio.run(serve_hub(open_hub(config)))
+    run_hub(open_hub(config))

@@ -13,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any
 
+import uvicorn
 from sqlalchemy import select
 
 from skylift.hub.app import make_api_app, make_gateway_app
@@ -21,7 +24,15 @@ from skylift.hub.db.models import SignerCA
 from skylift.hub.tls import make_server, server_context
 from skylift.hub.web import HubContext
 
-__all__ = ["client_cas", "gateway_ssl_context", "serve_hub"]
+__all__ = [
+    "client_cas",
+    "gateway_server",
+    "gateway_ssl_context",
+    "run",
+    "run_hub",
+    "run_server",
+    "serve_hub",
+]
 
 log = logging.getLogger("skylift.hub")
 
@@ -45,6 +56,50 @@ def gateway_ssl_context(ctx: HubContext) -> ssl.SSLContext:
     return context
 
 
+def gateway_server(ctx: HubContext) -> uvicorn.Server:
+    """The device gateway's server, as :func:`serve_hub` runs it (``bench/poll.py`` too).
+
+    No access log: every device polls every few minutes, and a line per poll
+    cost about a tenth of the gateway's time (``bench/poll.py``). Refusals
+    and errors are still logged by the gateway itself.
+    """
+    return make_server(
+        make_gateway_app(ctx),
+        host=ctx.config.gateway.host,
+        port=ctx.config.gateway.port,
+        ssl_context=gateway_ssl_context(ctx),
+        access_log=False,
+    )
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on the hub's event loop: uvloop when installed, else asyncio's.
+
+    uvloop's TLS and socket transports are compiled; asyncio's TLS layer is
+    Python, and with it the gateway spent most of its time there.
+    """
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(main)
+
+
+def run_server(server: uvicorn.Server) -> None:
+    """Run one server in this thread until SIGINT or SIGTERM, as :func:`run_hub` would."""
+    run(server.serve())
+
+
+def run_hub(ctx: HubContext) -> None:
+    """``skylift hub serve``: :func:`serve_hub` on the hub's event loop (see :func:`run`)."""
+    run(serve_hub(ctx))
+
+
 async def serve_hub(ctx: HubContext) -> None:
     """Serve both endpoints until interrupted."""
     api_ssl = server_context(
@@ -53,12 +108,7 @@ async def serve_hub(ctx: HubContext) -> None:
         client_cas_pem=None,
         require_client_cert=False,
     )
-    gateway = make_server(
-        make_gateway_app(ctx),
-        host=ctx.config.gateway.host,
-        port=ctx.config.gateway.port,
-        ssl_context=gateway_ssl_context(ctx),
-    )
+    gateway = gateway_server(ctx)
     api = make_server(
         make_api_app(ctx),
         host=ctx.config.api.host,

@@ -1,9 +1,10 @@
 """TLS for the hub: SSL contexts, and a uvicorn server that shows the app who the client is.
 
 uvicorn does not pass the TLS client certificate to the ASGI app. Here a
-subclass of its h11 protocol reads the peer certificate once per connection,
-right after the handshake, and puts it in every request scope of that
-connection as the ASGI TLS extension (``scope["extensions"]["tls"]``, see
+subclass of its HTTP protocol (httptools when installed, else h11) reads the
+peer certificate once per connection, right after the handshake, and puts it
+in every request scope of that connection as the ASGI TLS extension
+(``scope["extensions"]["tls"]``, see
 https://asgi.readthedocs.io/en/latest/specs/tls.html). Apps read it with
 :func:`client_cert_der`. Behind a TLS-terminating proxy, :func:`client_cert_from_proxy`
 reads the certificate the proxy forwards in a header, trusted only from the
@@ -58,6 +59,11 @@ from cryptography.hazmat.primitives import serialization
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+try:  # uvicorn[standard]: C parser; h11 (pure Python) is the fallback
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # pragma: no cover - depends on what is installed
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
 from skylift.hub.ca import CertificateError
 
 __all__ = [
@@ -65,6 +71,7 @@ __all__ = [
     "ForwardedCertificateError",
     "ServerThread",
     "TLSExtensionH11Protocol",
+    "TLSExtensionHttpToolsProtocol",
     "client_cert_der",
     "client_cert_from_proxy",
     "client_context",
@@ -212,13 +219,8 @@ def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> dict[str,
     chain: list[str] = []
     name: str | None = None
     if der:
-        chain.append(ssl.DER_cert_to_PEM_cert(der))
-        try:
-            name = x509.load_der_x509_certificate(der).subject.rfc4514_string()
-        except ValueError:
-            # OpenSSL verified it, so this is unreachable in practice; the name
-            # is informational and the DER is what apps use.
-            name = None
+        pem, name = _describe_certificate(der)
+        chain.append(pem)
     cipher = ssl_object.cipher()
     return {
         "server_cert": None,
@@ -230,6 +232,20 @@ def tls_extension(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> dict[str,
     }
 
 
+# A device comes back with the same certificate on every connection (resumed
+# or not): parsing it once, not once per connection, matters when every poll
+# opens a new connection. Bounded: a certificate is about 1 KiB here.
+@functools.lru_cache(maxsize=4096)
+def _describe_certificate(der: bytes) -> tuple[str, str | None]:
+    try:
+        name: str | None = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+    except ValueError:
+        # OpenSSL verified it, so this is unreachable in practice; the name
+        # is informational and the DER is what apps use.
+        name = None
+    return ssl.DER_cert_to_PEM_cert(der), name
+
+
 def client_cert_der(scope: Scope) -> bytes | None:
     """The verified client certificate (DER) of the connection a request came on, or ``None``.
 
@@ -239,7 +255,13 @@ def client_cert_der(scope: Scope) -> bytes | None:
     tls = scope.get("extensions", {}).get("tls")
     if not tls or not tls.get("client_cert_chain"):
         return None
-    pem: str = tls["client_cert_chain"][0]
+    return _pem_to_der(tls["client_cert_chain"][0])
+
+
+# Every request of a connection carries the same PEM string object, whose hash
+# Python keeps: decoding it again on every poll was measurable (bench/poll.py).
+@functools.lru_cache(maxsize=4096)
+def _pem_to_der(pem: str) -> bytes:
     return ssl.PEM_cert_to_DER_cert(pem)
 
 
@@ -319,24 +341,56 @@ class _WithTLSExtension:
         await self._app(scope, receive, send)
 
 
+def _connection_app(app: ASGIApp, transport: asyncio.BaseTransport) -> ASGIApp:
+    tls = tls_extension(transport.get_extra_info("ssl_object"))
+    return app if tls is None else _WithTLSExtension(app, tls)
+
+
 class TLSExtensionH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, adding the ASGI TLS extension to every request scope.
 
     A protocol instance serves exactly one connection, so the certificate is
-    read once, after the handshake (asyncio calls ``connection_made`` only then),
-    and wrapped around this instance's app only: connections cannot see each
-    other's identity. httptools is not installed; were it used, the same
-    override on ``HttpToolsProtocol`` would do. WebSocket upgrades build their
-    own protocol from the config and would not get the extension.
+    read once, after the handshake (asyncio and uvloop call ``connection_made``
+    only then), and wrapped around this instance's app only: connections
+    cannot see each other's identity. WebSocket upgrades build their own
+    protocol from the config and would not get the extension. The access log
+    follows ``config.access_log`` (see :func:`make_server`).
     """
+
+    def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.access_log = self.access_log and config.access_log
 
     def connection_made(  # type: ignore[override]
         self, transport: asyncio.Transport
     ) -> None:
         super().connection_made(transport)
-        tls = tls_extension(transport.get_extra_info("ssl_object"))
-        if tls is not None:
-            self.app = _WithTLSExtension(self.app, tls)
+        self.app = _connection_app(self.app, transport)
+
+
+if HttpToolsProtocol is not None:
+
+    class TLSExtensionHttpToolsProtocol(HttpToolsProtocol):
+        """:class:`TLSExtensionH11Protocol` on uvicorn's httptools (C) parser.
+
+        The same override; used by :func:`make_server` when httptools is
+        installed. On the poll path it answers several times faster than h11.
+        """
+
+        def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
+            super().__init__(config, *args, **kwargs)
+            self.access_log = self.access_log and config.access_log
+
+        def connection_made(  # type: ignore[override]
+            self, transport: asyncio.Transport
+        ) -> None:
+            super().connection_made(transport)
+            self.app = _connection_app(self.app, transport)
+
+    _DEFAULT_PROTOCOL: type[asyncio.Protocol] = TLSExtensionHttpToolsProtocol
+else:  # pragma: no cover - depends on what is installed
+    TLSExtensionHttpToolsProtocol = None  # type: ignore[assignment,misc]
+    _DEFAULT_PROTOCOL = TLSExtensionH11Protocol
 
 
 # --------------------------------------------------------------------------- servers
@@ -350,6 +404,8 @@ def make_server(
     ssl_context: ssl.SSLContext | None,
     timeout_keep_alive_s: int = 5,
     log_level: str | None = None,
+    access_log: bool = True,
+    http: type[asyncio.Protocol] | None = None,
 ) -> uvicorn.Server:
     """A uvicorn server for ``app`` whose requests carry the ASGI TLS extension.
 
@@ -357,13 +413,17 @@ def make_server(
     uvicorn's ``ssl_context_factory``; ``None`` serves plain HTTP (behind a
     TLS proxy). uvicorn's proxy header rewriting is off so that
     ``scope["client"]`` stays the TCP peer, which :func:`client_cert_from_proxy`
-    relies on. Logging is left to the caller's configuration.
+    relies on. Logging is left to the caller's configuration; ``access_log``
+    False keeps this server's requests out of the ``uvicorn.access`` log
+    (uvicorn's own switch would empty that logger for the whole process).
+    ``http`` is the protocol class: by default httptools' when installed,
+    else h11's (:class:`TLSExtensionH11Protocol`).
     """
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
-        http=TLSExtensionH11Protocol,
+        http=http or _DEFAULT_PROTOCOL,
         ssl_context_factory=None
         if ssl_context is None
         else (lambda _config, _default: ssl_context),
@@ -373,6 +433,8 @@ def make_server(
         log_config=None,
         log_level=log_level,
     )
+    # Set after construction: read by our protocols only, per server.
+    config.access_log = access_log
     return uvicorn.Server(config)
 
 
