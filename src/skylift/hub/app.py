@@ -3,15 +3,13 @@
 Each module named below exposes ``routes(ctx) -> list[BaseRoute]`` and may
 expose ``background(ctx) -> list[Callable[[], Awaitable[None]]]``: loops
 that run for the life of the process (batched last-seen writes, rollout
-ticks, timestamp re-signing). A module that is not there yet is skipped, so
-the hub grows module by module.
+ticks, timestamp re-signing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from types import ModuleType
@@ -22,6 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount
 
+from skylift.hub import rollouts
+from skylift.hub.api import core, deployments, devices, products, releases
+from skylift.hub.gateway import routes as gateway_routes
 from skylift.hub.web import HubContext, error_response
 
 __all__ = ["API_MODULES", "GATEWAY_MODULES", "make_api_app", "make_gateway_app"]
@@ -29,29 +30,11 @@ __all__ = ["API_MODULES", "GATEWAY_MODULES", "make_api_app", "make_gateway_app"]
 log = logging.getLogger("skylift.hub")
 
 #: Management API route modules, mounted under /api/v1.
-API_MODULES = (
-    "skylift.hub.api.core",
-    "skylift.hub.api.products",
-    "skylift.hub.api.devices",
-    "skylift.hub.api.admin",
-    "skylift.hub.api.releases",
-    "skylift.hub.api.deployments",
-)
+API_MODULES: tuple[ModuleType, ...] = (core, products, devices, releases, deployments)
 #: Device gateway route modules, mounted under /device/v1.
-GATEWAY_MODULES = ("skylift.hub.gateway.routes",)
-#: Modules with background loops that are not route modules.
-BACKGROUND_MODULES = ("skylift.hub.rollouts",)
-
-
-def _load(names: tuple[str, ...]) -> list[ModuleType]:
-    modules = []
-    for name in names:
-        try:
-            modules.append(importlib.import_module(name))
-        except ModuleNotFoundError as e:
-            if e.name != name:  # a missing dependency inside the module is a real error
-                raise
-    return modules
+GATEWAY_MODULES: tuple[ModuleType, ...] = (gateway_routes,)
+#: Modules with background loops that are not route modules (run by the API app).
+BACKGROUND_MODULES: tuple[ModuleType, ...] = (rollouts,)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
@@ -68,14 +51,14 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": "internal error; the hub log has the details"}, 500)
 
 
-def _app(ctx: HubContext, prefix: str, modules: list[ModuleType]) -> Starlette:
+def _app(ctx: HubContext, prefix: str, modules: tuple[ModuleType, ...]) -> Starlette:
     routes: list[BaseRoute] = []
     loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
     for m in modules:
         routes.extend(m.routes(ctx))
         if hasattr(m, "background"):
             loops.extend(m.background(ctx))
-    for m in _load(BACKGROUND_MODULES) if prefix == "/api/v1" else []:
+    for m in BACKGROUND_MODULES if prefix == "/api/v1" else ():
         loops.extend(m.background(ctx))
 
     @contextlib.asynccontextmanager
@@ -99,9 +82,9 @@ def _app(ctx: HubContext, prefix: str, modules: list[ModuleType]) -> Starlette:
 
 def make_api_app(ctx: HubContext) -> Starlette:
     """The management API (and, later, the dashboard)."""
-    return _app(ctx, "/api/v1", _load(API_MODULES))
+    return _app(ctx, "/api/v1", API_MODULES)
 
 
 def make_gateway_app(ctx: HubContext) -> Starlette:
     """The device gateway."""
-    return _app(ctx, "/device/v1", _load(GATEWAY_MODULES))
+    return _app(ctx, "/device/v1", GATEWAY_MODULES)

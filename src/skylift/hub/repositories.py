@@ -41,7 +41,7 @@ __all__ = [
 #: A bundle head: preamble, manifest (<= 1 MiB), signatures, four hooks (<= 1 MiB each).
 MAX_HEAD_BYTES = 6 * 1024 * 1024
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
-_DEVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_DEVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # as skylift.hub.ca issues them
 _FILE = re.compile(r"(metadata/[A-Za-z0-9._-]{1,200}\.json|targets/[A-Za-z0-9._/-]{1,400})")
 #: Re-sign timestamps this long before they expire (they last a day by default).
 REFRESH_MARGIN = timedelta(hours=6)
@@ -212,6 +212,26 @@ class ImageRepositories(_OnlineRepositories):
             ReleaseRejectedError: any of that does not hold (nothing changes).
             UnknownRepositoryError: ``product`` has no repository.
         """
+        repo, target = self._stage_release(product, targets=targets, head=head)
+        repo.refresh_online(self._online, now=self._clock())
+        publish_to(_StoreSink(self._store, self._prefix(product)), repo)
+        return target
+
+    def check_release(self, product: str, *, targets: bytes, head: bytes) -> TargetFile:
+        """What :meth:`add_release` would publish, checked the same way, writing nothing.
+
+        For callers that must refuse a release before they store anything
+        else for it (the release's chunk packs).
+
+        Raises:
+            ReleaseRejectedError: :meth:`add_release` would refuse it.
+            UnknownRepositoryError: ``product`` has no repository.
+        """
+        return self._stage_release(product, targets=targets, head=head)[1]
+
+    def _stage_release(
+        self, product: str, *, targets: bytes, head: bytes
+    ) -> tuple[Repository, TargetFile]:
         current = self.load(product)
         new = _parse_targets(targets)
         version = current.versions["targets"]
@@ -250,9 +270,7 @@ class ImageRepositories(_OnlineRepositories):
             raise ReleaseRejectedError(f"release refused: {e.message}") from e
         if repo.versions["targets"] != new.version:
             raise ReleaseRejectedError("the new targets metadata was not accepted")
-        repo.refresh_online(self._online, now=self._clock())
-        publish_to(_StoreSink(self._store, self._prefix(product)), repo)
-        return target
+        return repo, target
 
     def refresh(self, product: str, *, margin: timedelta = REFRESH_MARGIN) -> bool:
         """Re-sign snapshot and timestamp if they expire within ``margin``; True if done."""
