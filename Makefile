@@ -12,7 +12,11 @@ TEST_DEBS ?= e2fsprogs postgresql
 BENCH_DEBS ?= zstd e2fsprogs
 DEMO_DEBS ?= e2fsprogs
 
-.PHONY: all demo test check lint typecheck imports unit bench setup clean
+# tuf-js (npm registry) checks the hub's TUF repositories as an independent client.
+JS_INTEROP := tests/hub/interop/js
+JS_STAMP := $(JS_INTEROP)/node_modules/.installed
+
+.PHONY: all demo test check lint typecheck imports unit bench bench-poll setup clean
 
 all: test
 
@@ -38,7 +42,14 @@ typecheck: setup
 imports: setup
 	$(BIN)/lint-imports
 
-unit: setup
+$(JS_STAMP): $(JS_INTEROP)/package-lock.json $(JS_INTEROP)/package.json
+	@command -v node >/dev/null && command -v npm >/dev/null || scripts/ensure-debs nodejs npm
+	@node -e 'const [a,b]=process.versions.node.split(".").map(Number);process.exit(a>20||(a===20&&b>=17)?0:1)' \
+	  || { echo "tuf-js 5 needs Node.js >= 20.17 (found $$(node --version)): install Node 20 (NodeSource) or use Debian trixie" >&2; exit 1; }
+	npm ci --prefix $(JS_INTEROP) --no-audit --no-fund
+	@touch $@
+
+unit: setup $(JS_STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck imports unit
@@ -51,5 +62,10 @@ bench: setup
 	scripts/ensure-debs $(BENCH_DEBS)
 	$(BIN)/python bench/bundle_create.py $(BENCH_ARGS)
 
+# The gateway's poll path against nginx over mutual TLS (the bench installs nginx,
+# PostgreSQL and what its C load generator builds with). BENCH_ARGS=--quick for a smoke run.
+bench-poll: setup
+	$(BIN)/python bench/poll.py $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build src/*.egg-info
+	rm -rf $(VENV) $(JS_INTEROP)/node_modules .mypy_cache .pytest_cache .ruff_cache build src/*.egg-info

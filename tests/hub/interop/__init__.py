@@ -1,0 +1,1 @@
+"""Independent TUF clients (python-tuf ngclient, tuf-js) against a real hub."""
