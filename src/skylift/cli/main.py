@@ -30,6 +30,10 @@ app.add_typer(remote.product_app, name="product")
 app.add_typer(remote.release_app, name="release")
 app.add_typer(remote.devices_app, name="devices")
 app.add_typer(remote.deploy_app, name="deploy")
+app.command("events")(remote.events)
+app.command("audit")(remote.audit)
+app.add_typer(remote.provisioning_app, name="provisioning")
+app.add_typer(remote.signer_ca_app, name="signer-ca")
 
 
 def _version(value: bool) -> None:
