@@ -7,8 +7,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the test suite drives: mke2fs builds real ext4 images;
-# postgresql provides initdb/pg_ctl for the throwaway server the hub tests start.
-TEST_DEBS ?= e2fsprogs postgresql
+# postgresql provides initdb/pg_ctl for the throwaway server the hub tests start;
+# libubootenv-tool (fw_printenv/fw_setenv) and grub-common (grub-editenv) check
+# the agent's bootloader environments byte for byte.
+TEST_DEBS ?= e2fsprogs postgresql libubootenv-tool grub-common
 BENCH_DEBS ?= zstd e2fsprogs
 DEMO_DEBS ?= e2fsprogs
 
