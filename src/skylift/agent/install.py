@@ -1,0 +1,287 @@
+"""Executing an install plan: copy, fetch, verify each chunk, write, journal; verify the slot.
+
+:func:`apply_plan` never writes a byte it has not verified against the
+signed index: a downloaded chunk is decoded and its digest checked first, a
+seed copy is hashed first (a seed that changed since it was indexed falls
+back to the pack). Verified chunks are journaled only after the slot was
+synced, so an interrupted install resumes without fetching them again. At
+the end the whole slot is read back and every chunk checked: only then may
+the caller make the slot bootable.
+
+Memory stays bounded whatever the image size: one fetched range (at most
+``max_range_bytes`` of the plan, or one chunk object) and one decoded chunk
+at a time; the image is never held whole.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import zstandard
+
+from skylift.agent.journal import InstallJournal
+from skylift.agent.plan import (
+    PACK_OBJECT_OVERHEAD,
+    ByteRange,
+    ChunkStep,
+    FetchRequest,
+    InstallPlan,
+    Source,
+    coalesce,
+)
+from skylift.agent.slots import SlotDevice
+from skylift.chunks import ChunkDataError, ChunkEntry, decode_chunk
+from skylift.errors import SkyliftError
+
+__all__ = [
+    "ChunkRejectedError",
+    "FetchRanges",
+    "InstallError",
+    "InstallResult",
+    "Progress",
+    "SlotVerifyError",
+    "apply_plan",
+]
+
+#: The fetcher port: given the ranges of one request, yield each range and its bytes.
+FetchRanges = Callable[[Sequence[ByteRange]], Iterable[tuple[ByteRange, bytes]]]
+
+_CHECKPOINT_BYTES = 32 * 1024 * 1024
+
+
+class InstallError(SkyliftError):
+    """An install could not complete; the slot must not be made bootable."""
+
+
+class ChunkRejectedError(InstallError):
+    """A downloaded chunk does not match the signed index; it was not written."""
+
+
+class SlotVerifyError(InstallError):
+    """The slot, read back after writing, does not match the index."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where an install is: ``done_bytes`` of ``total_bytes`` in ``phase``."""
+
+    phase: str  # "copy", "fetch" or "verify"
+    done_bytes: int
+    total_bytes: int
+    downloaded_bytes: int
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    """What :func:`apply_plan` did."""
+
+    seed_chunks: int
+    target_copy_chunks: int
+    fetched_chunks: int
+    stale_seed_chunks: int
+    downloaded_bytes: int
+    verified_bytes: int
+
+
+def apply_plan(
+    plan: InstallPlan,
+    *,
+    fetch_ranges: FetchRanges,
+    slot: SlotDevice,
+    seed: SlotDevice | None,
+    journal: InstallJournal,
+    on_progress: Callable[[Progress], None] | None = None,
+    payload_sha256: str | None = None,
+    max_gap_bytes: int = 64 * 1024,
+) -> InstallResult:
+    """Write ``plan``'s target image into ``slot`` and verify all of it.
+
+    ``slot`` is the inactive slot, opened for the image's size; ``seed`` the
+    active slot (None if the plan copies nothing from it). ``payload_sha256``
+    (the manifest's digest of the whole payload) is checked in the final
+    read-back when given. ``max_gap_bytes`` coalesces the extra downloads of
+    stale seed chunks.
+
+    Raises:
+        ChunkRejectedError: a fetched chunk is corrupt (nothing of it written or journaled).
+        SlotVerifyError: the read-back differs; the journal is reset.
+        InstallError: the fetcher answered other ranges than asked, or too few.
+        SlotError, JournalError: the slot or the journal failed.
+        Any error of ``fetch_ranges`` (transport) is passed through, after
+        what was verified so far has been journaled.
+    """
+    run = _Run(plan, fetch_ranges, slot, journal, on_progress)
+    try:
+        stale = run.copy(plan.steps_from(Source.SEED), seed)
+        fetch_steps = plan.steps_from(Source.PACK) + stale
+        requests = list(plan.requests)
+        if stale:
+            requests += coalesce([s.pack_range for s in stale], max_gap_bytes=max_gap_bytes)
+        run.fetch(requests, fetch_steps)
+        run.copy(plan.steps_from(Source.TARGET), slot)
+    except BaseException:
+        run.checkpoint_quietly()
+        raise
+    run.checkpoint()
+    verified = run.verify(payload_sha256)
+    return InstallResult(
+        seed_chunks=len(plan.steps_from(Source.SEED)) - len(stale),
+        target_copy_chunks=len(plan.steps_from(Source.TARGET)),
+        fetched_chunks=run.fetched,
+        stale_seed_chunks=len(stale),
+        downloaded_bytes=run.downloaded,
+        verified_bytes=verified,
+    )
+
+
+class _Run:
+    def __init__(
+        self,
+        plan: InstallPlan,
+        fetch_ranges: FetchRanges,
+        slot: SlotDevice,
+        journal: InstallJournal,
+        on_progress: Callable[[Progress], None] | None,
+    ) -> None:
+        self.plan = plan
+        self.fetch_ranges = fetch_ranges
+        self.slot = slot
+        self.journal = journal
+        self.on_progress = on_progress
+        self.done = plan.totals.skipped_bytes
+        self.downloaded = 0
+        self.fetched = 0
+        self.unsynced = 0
+        self.decompressor = zstandard.ZstdDecompressor()
+
+    def progress(self, phase: str, done: int | None = None) -> None:
+        if self.on_progress is not None:
+            self.on_progress(
+                Progress(
+                    phase,
+                    self.done if done is None else done,
+                    self.plan.size,
+                    self.downloaded,
+                )
+            )
+
+    def write(self, step: ChunkStep, data: bytes) -> None:
+        self.slot.write_at(step.entry.offset, data)
+        self.journal.add(step.ordinal)
+        self.done += step.entry.length
+        self.unsynced += step.entry.length
+
+    def checkpoint(self) -> None:
+        # The slot first: a journal record must never name bytes a power cut can lose.
+        self.slot.sync()
+        self.journal.commit()
+        self.unsynced = 0
+
+    def checkpoint_quietly(self) -> None:
+        # The original failure is the one to report.
+        with contextlib.suppress(SkyliftError, OSError):
+            self.checkpoint()
+
+    def copy(self, steps: Sequence[ChunkStep], source: SlotDevice | None) -> list[ChunkStep]:
+        """Copy chunks from ``source``; return those whose bytes there are not the chunk."""
+        stale: list[ChunkStep] = []
+        for step in steps:
+            if source is None:
+                stale.append(step)
+                continue
+            data = source.read_range(step.source_offset, step.entry.length)
+            if hashlib.sha256(data).digest() != step.entry.digest:
+                stale.append(step)
+                continue
+            self.write(step, data)
+            self.progress("copy")
+            if self.unsynced >= _CHECKPOINT_BYTES:
+                self.checkpoint()
+        if stale and steps and steps[0].source is Source.TARGET:
+            # An earlier chunk of this very install was verified when written: if it
+            # is wrong now, the slot is failing.
+            raise SlotVerifyError(
+                f"{len(stale)} chunk(s) written earlier in this install read back wrong",
+                hint="the storage may be failing; the install will start over",
+            )
+        return stale
+
+    def fetch(self, requests: Sequence[FetchRequest], steps: Sequence[ChunkStep]) -> None:
+        by_start = {s.pack_range.start: s for s in steps}
+        starts = sorted(by_start)
+        received: set[int] = set()
+        for request in requests:
+            asked = set(request.ranges)
+            for rng, data in self.fetch_ranges(request.ranges):
+                if rng not in asked or len(data) != rng.length:
+                    raise InstallError(
+                        f"the hub answered bytes {rng.start}-{rng.end} ({len(data)} bytes), "
+                        "which were not asked for",
+                        hint="retry; if it persists, a proxy may be mangling range requests",
+                    )
+                asked.discard(rng)
+                for step, stored in _chunks_in(rng, data, starts, by_start):
+                    if step.ordinal in received:
+                        continue  # fetched again inside the gap of a later range
+                    self.write(step, self.decode(step.entry, stored))
+                    received.add(step.ordinal)
+                    self.fetched += 1
+                self.downloaded += len(data)
+                self.progress("fetch")
+                self.checkpoint()
+            if asked:
+                raise InstallError(
+                    f"the hub left out {len(asked)} of the {len(request.ranges)} ranges asked for",
+                    hint="retry; verified chunks will not be fetched again",
+                )
+        missing = len(steps) - len(received)
+        if missing:
+            raise InstallError(f"{missing} chunk(s) were never received")
+
+    def decode(self, entry: ChunkEntry, obj: memoryview) -> bytes:
+        try:
+            if obj[0] != entry.codec:
+                raise ChunkDataError(f"chunk at offset {entry.offset}: codec differs from index")
+            return decode_chunk(entry, bytes(obj[PACK_OBJECT_OVERHEAD:]), self.decompressor)
+        except ChunkDataError as e:
+            raise ChunkRejectedError(
+                f"a downloaded chunk was refused: {e.message}",
+                hint="nothing of it was written; retry, and report it if it persists",
+            ) from e
+
+    def verify(self, payload_sha256: str | None) -> int:
+        whole = hashlib.sha256()
+        done = 0
+        for entry in self.plan.entries:
+            data = self.slot.read_range(entry.offset, entry.length)
+            if hashlib.sha256(data).digest() != entry.digest:
+                self.journal.reset()
+                raise SlotVerifyError(
+                    f"the slot does not hold the chunk at offset {entry.offset} after writing",
+                    hint="the storage may be failing; the install will start over",
+                )
+            whole.update(data)
+            done += entry.length
+            self.progress("verify", done)
+        if payload_sha256 is not None and whole.hexdigest() != payload_sha256:
+            self.journal.reset()
+            raise SlotVerifyError("the slot does not match the payload's sha256 after writing")
+        return done
+
+
+def _chunks_in(
+    rng: ByteRange, data: bytes, starts: list[int], by_start: dict[int, ChunkStep]
+) -> Iterator[tuple[ChunkStep, memoryview]]:
+    """The wanted chunk objects inside one fetched range (gap bytes are skipped)."""
+    view = memoryview(data)
+    i = bisect.bisect_left(starts, rng.start)
+    while i < len(starts) and starts[i] < rng.end:
+        step = by_start[starts[i]]
+        if step.pack_range.end > rng.end:
+            raise InstallError("a fetched range ends inside a chunk")
+        yield step, view[step.pack_range.start - rng.start : step.pack_range.end - rng.start]
+        i += 1

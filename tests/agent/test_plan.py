@@ -1,0 +1,181 @@
+"""The install plan: seed copies, fetches coalesced into few ranges, resume skips verified chunks."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+
+import pytest
+
+from bundle.conftest import realistic_payload  # tests/ is on sys.path under pytest
+from skylift.agent.plan import (
+    ByteRange,
+    FetchRequest,
+    PlanError,
+    Source,
+    coalesce,
+    make_plan,
+    parse_offsets,
+    seed_index,
+)
+from skylift.chunks import DEFAULT_CDC, ChunkEntry, ChunkingParams, iter_chunks
+
+PARAMS = ChunkingParams.cdc(16 * 1024)
+
+
+def index_of(image: bytes, params: ChunkingParams = PARAMS) -> tuple[list[ChunkEntry], list[int]]:
+    """Entries (stored raw, codec 0) and pack offsets, as the hub would serve them."""
+    entries: list[ChunkEntry] = []
+    offsets = [0]
+    offset = 0
+    for chunk in iter_chunks(io.BytesIO(image), params):
+        entries.append(
+            ChunkEntry(offset, len(chunk), len(chunk), 0, hashlib.sha256(chunk).digest())
+        )
+        offset += len(chunk)
+        offsets.append(offsets[-1] + 1 + len(chunk))
+    return entries, offsets
+
+
+V1 = realistic_payload(1_500_000, seed=11)
+# v2: a few bytes changed in two places, and 3000 bytes inserted: most chunks survive.
+V2 = V1[:300_000] + b"patched!" + V1[300_008:900_000] + bytes(range(256)) * 12 + V1[900_000:]
+
+
+def test_seeded_plan_downloads_only_the_changed_chunks() -> None:
+    entries, offsets = index_of(V2)
+    seed = seed_index(io.BytesIO(V1), PARAMS, len(V1))
+    plan = make_plan(entries, offsets, seed)
+    v1_digests = {e.digest for e in index_of(V1)[0]}
+    fetched = [s for s in plan.steps if s.source is Source.PACK]
+    assert fetched, "the patched regions cannot come from the seed"
+    assert all(s.entry.digest not in v1_digests for s in fetched)
+    for s in plan.steps_from(Source.SEED):
+        off, length = seed[s.entry.digest]
+        assert s.source_offset == off
+        assert hashlib.sha256(V1[off : off + length]).digest() == s.entry.digest
+    t = plan.totals
+    assert t.chunks == len(entries) == len(plan.steps)
+    assert t.seed_bytes + t.target_copy_bytes + t.fetch_bytes == len(V2) == plan.size
+    assert t.fetch_bytes < len(V2) // 5
+    assert t.download_bytes < len(V2) // 5
+    assert t.requests == 1
+
+
+def test_unseeded_plan_fetches_everything_once_and_copies_repeats() -> None:
+    image = realistic_payload(400_000, seed=3) + bytes(300_000)  # zero chunks repeat
+    entries, offsets = index_of(image, ChunkingParams.fixed(4096))
+    plan = make_plan(entries, offsets, {})
+    fetched = plan.steps_from(Source.PACK)
+    repeats = plan.steps_from(Source.TARGET)
+    assert repeats, "repeated zero blocks are copied within the target"
+    assert len({s.entry.digest for s in fetched}) == len(fetched)  # each content fetched once
+    for s in repeats:
+        first = next(f for f in fetched if f.entry.digest == s.entry.digest)
+        assert s.source_offset == first.entry.offset < s.entry.offset
+    assert plan.totals.seed_chunks == 0
+    assert plan.totals.fetch_chunks + plan.totals.target_copy_chunks == len(entries)
+
+
+def test_seed_is_cut_with_the_payloads_parameters_only_up_to_length() -> None:
+    seed = seed_index(io.BytesIO(V1 + b"junk after the image"), PARAMS, len(V1))
+    assert seed == {
+        e.digest: (e.offset, e.length) for e in reversed(index_of(V1)[0])
+    }  # first occurrence of each digest wins
+    wanted = {e.digest for e in index_of(V1)[0][:3]}
+    assert set(seed_index(io.BytesIO(V1), PARAMS, len(V1), wanted=wanted)) == wanted
+    # Other parameters cut elsewhere: almost nothing is shared.
+    other = seed_index(io.BytesIO(V1), DEFAULT_CDC, len(V1))
+    assert len(set(other) & set(seed)) <= 2
+
+
+def test_resume_skips_verified_chunks() -> None:
+    entries, offsets = index_of(V2)
+    verified = set(range(0, len(entries), 2))
+    plan = make_plan(entries, offsets, {}, verified=verified)
+    assert {s.ordinal for s in plan.steps}.isdisjoint(verified)
+    assert {s.ordinal for s in plan.steps} | verified == set(range(len(entries)))
+    assert plan.totals.skipped_chunks == len(verified)
+    for s in plan.steps_from(Source.PACK):
+        assert any(
+            r.start <= s.pack_range.start and s.pack_range.end <= r.end
+            for req in plan.requests
+            for r in req.ranges
+        )
+    full = make_plan(entries, offsets, {})
+    assert plan.totals.fetch_bytes < full.totals.fetch_bytes
+
+
+def test_resume_rejects_ordinals_outside_the_index() -> None:
+    entries, offsets = index_of(V1[:100_000])
+    with pytest.raises(PlanError, match="journal names chunks"):
+        make_plan(entries, offsets, {}, verified={len(entries)})
+
+
+def R(a: int, b: int) -> ByteRange:
+    return ByteRange(a, b)
+
+
+COALESCE = [
+    ("adjacent merge", [R(0, 10), R(10, 20)], {}, [[R(0, 20)]]),
+    ("small gap merged", [R(0, 10), R(100, 120)], {"max_gap_bytes": 90}, [[R(0, 120)]]),
+    ("large gap kept", [R(0, 10), R(100, 120)], {"max_gap_bytes": 89}, [[R(0, 10), R(100, 120)]]),
+    ("unsorted input", [R(100, 120), R(0, 10)], {"max_gap_bytes": 0}, [[R(0, 10), R(100, 120)]]),
+    (
+        "range size cap",
+        [R(0, 10), R(10, 20), R(20, 30)],
+        {"max_range_bytes": 20},
+        [[R(0, 20), R(20, 30)]],
+    ),
+    ("oversized single range", [R(0, 50)], {"max_range_bytes": 20}, [[R(0, 50)]]),
+    (
+        "ranges per request",
+        [R(i * 100, i * 100 + 10) for i in range(5)],
+        {"max_gap_bytes": 0, "max_ranges_per_request": 2},
+        [[R(0, 10), R(100, 110)], [R(200, 210), R(300, 310)], [R(400, 410)]],
+    ),
+    ("nothing", [], {}, []),
+]
+
+
+@pytest.mark.parametrize(
+    ("ranges", "limits", "expected"), [c[1:] for c in COALESCE], ids=[c[0] for c in COALESCE]
+)
+def test_coalesce(
+    ranges: list[ByteRange], limits: dict[str, int], expected: list[list[ByteRange]]
+) -> None:
+    assert coalesce(ranges, **limits) == [FetchRequest(tuple(r)) for r in expected]
+
+
+def test_coalesce_refuses_overlap() -> None:
+    with pytest.raises(ValueError, match="overlap"):
+        coalesce([R(0, 10), R(5, 15)])
+
+
+def test_scattered_changes_need_few_requests() -> None:
+    entries, offsets = index_of(V1)
+    seed = {e.digest: (e.offset, e.length) for i, e in enumerate(entries) if i % 3}
+    plan = make_plan(entries, offsets, seed, max_gap_bytes=64 * 1024, max_ranges_per_request=16)
+    missing = len(entries) - len(seed)
+    # Every third chunk is missing; gaps of two ~20 KiB chunks are merged.
+    assert plan.totals.fetch_chunks >= missing - 1
+    assert plan.totals.requests == 1
+    assert len(plan.requests[0].ranges) < missing
+    covered = [s.pack_range for s in plan.steps_from(Source.PACK)]
+    for r in covered:
+        assert any(q.start <= r.start and r.end <= q.end for q in plan.requests[0].ranges)
+
+
+def test_parse_offsets_checks_the_table_against_the_index() -> None:
+    entries, offsets = index_of(V1[:200_000])
+    table = b"".join(struct.pack(">Q", o) for o in offsets)
+    assert parse_offsets(table, entries) == offsets
+    with pytest.raises(PlanError, match="bytes, expected"):
+        parse_offsets(table[:-8], entries)
+    bad = list(offsets)
+    bad[2] += 1
+    with pytest.raises(PlanError, match="disagrees with the chunk index at chunk 1"):
+        parse_offsets(b"".join(struct.pack(">Q", o) for o in bad), entries)
+    with pytest.raises(PlanError):
+        make_plan(entries, [o + 1 for o in offsets], {})
