@@ -14,11 +14,11 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
+import anyio
 import httpx
 import pytest
 from cryptography import x509
 from sqlalchemy import func, select, update
-from starlette.testclient import TestClient
 
 from skylift.hub import ca
 from skylift.hub.app import make_api_app
@@ -185,13 +185,20 @@ def test_a_device_revoked_through_the_api_is_refused_on_its_very_next_request(
                 token_hash=secret.digest, prefix=secret.prefix,
             )
         )  # fmt: skip
-    api = TestClient(make_api_app(hub.ctx), headers={"Authorization": f"Bearer {secret.value}"})
     path = f"/api/v1/devices/{quote(device.device_id, safe='')}"
-    if how == "revoke":
-        answer = api.post(f"{path}/revoke", json={"reason": "stolen"})
-        assert answer.status_code == 200, answer.text
-    else:
-        assert api.delete(path).status_code == 204
+
+    async def call_api() -> httpx.Response:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=make_api_app(hub.ctx)),
+            base_url="http://hub",
+            headers={"Authorization": f"Bearer {secret.value}"},
+        ) as api:
+            if how == "revoke":
+                return await api.post(f"{path}/revoke", json={"reason": "stolen"})
+            return await api.delete(path)
+
+    answer = anyio.run(call_api)
+    assert answer.status_code == (200 if how == "revoke" else 204), answer.text
     # The same process serves both: no wait for the one-second sync loop.
     refused = client.get("/poll")
     assert refused.status_code == 403, refused.text
