@@ -23,7 +23,7 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from skylift.errors import SkyliftError
 from skylift.hub import web
@@ -157,6 +157,11 @@ class _Poll:
         return answer, if_none_match
 
 
+def poll_endpoint(ctx: HubContext) -> ASGIApp:
+    """``GET /poll`` for ``ctx`` as a bare ASGI app (the app may route to it directly)."""
+    return _Poll(ctx, state_for(ctx))
+
+
 def routes(ctx: HubContext) -> list[BaseRoute]:
     """The gateway's routes for ``ctx`` (relative to ``/device/v1``)."""
     state = state_for(ctx)
@@ -206,7 +211,7 @@ def routes(ctx: HubContext) -> list[BaseRoute]:
 
     return [
         Route("/enroll", post_enroll, methods=["POST"]),
-        Route("/poll", _Poll(ctx, state), methods=["GET"]),
+        Route("/poll", poll_endpoint(ctx), methods=["GET"]),
         Route("/image/{file:path}", get_image, methods=["GET"]),
         Route("/director/{device_id}/{file:path}", get_director, methods=["GET"]),
         Route("/releases/{version}/{file}", get_release_file, methods=["GET"]),
