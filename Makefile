@@ -18,7 +18,7 @@ DEMO_DEBS ?= e2fsprogs
 JS_INTEROP := tests/hub/interop/js
 JS_STAMP := $(JS_INTEROP)/node_modules/.installed
 
-.PHONY: all demo test check lint typecheck imports unit bench bench-poll setup clean
+.PHONY: all demo test check lint typecheck imports unit bench bench-poll bench-agent setup clean
 
 all: test
 
@@ -68,6 +68,12 @@ bench: setup
 # PostgreSQL and what its C load generator builds with). BENCH_ARGS=--quick for a smoke run.
 bench-poll: setup
 	$(BIN)/python bench/poll.py $(BENCH_ARGS)
+
+# Agent install from a local hub (MB/s, peak RSS) against cp of the same 1 GiB image.
+# BENCH_ARGS=--quick for a 128 MiB smoke run.
+bench-agent: setup
+	scripts/ensure-debs $(BENCH_DEBS)
+	$(BIN)/python bench/agent_install.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(JS_INTEROP)/node_modules .mypy_cache .pytest_cache .ruff_cache build src/*.egg-info

@@ -409,7 +409,7 @@ class _Parser:
         download = DownloadConfig(
             max_gap_bytes=t.integer("max_gap_bytes", 64 * _KIB, low=0, high=64 * _MIB),
             max_ranges_per_request=t.integer("max_ranges_per_request", 16, low=1, high=256),
-            max_range_bytes=t.integer("max_range_bytes", 8 * _MIB, low=_MIB, high=256 * _MIB),
+            max_range_bytes=t.integer("max_range_bytes", 4 * _MIB, low=_MIB, high=256 * _MIB),
         )
         t.done()
         return download

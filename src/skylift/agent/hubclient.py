@@ -392,12 +392,14 @@ def _slice(parts: Sequence[tuple[int, bytes]], wanted: ByteRange) -> bytes:
     )
 
 
-def _groups(ranges: Sequence[ByteRange], max_ranges: int) -> Iterator[list[ByteRange]]:
+def _groups(
+    ranges: Sequence[ByteRange], max_ranges: int, max_bytes: int = MAX_RANGE_REQUEST_BYTES
+) -> Iterator[list[ByteRange]]:
     """Ranges in request-sized groups, in the order given (bounded count and bytes)."""
     group: list[ByteRange] = []
     size = 0
     for r in ranges:
-        if group and (len(group) >= max_ranges or size + r.length > MAX_RANGE_REQUEST_BYTES):
+        if group and (len(group) >= max_ranges or size + r.length > max_bytes):
             yield group
             group, size = [], 0
         group.append(r)
@@ -862,9 +864,10 @@ class HubClient:
     ) -> Iterator[tuple[ByteRange, bytes]]:
         """Byte ranges of one payload's pack, in order, several per request.
 
-        At most ``[download] max_ranges_per_request`` ranges (and 64 MiB) per
-        request; the hub merges neighbours, and each range asked is cut out of
-        whatever part holds it. Empty ranges are answered without a request.
+        At most ``[download] max_ranges_per_request`` ranges and
+        ``max_range_bytes`` (at most 64 MiB) per request; the hub merges
+        neighbours, and each range asked is cut out of whatever part holds it.
+        Empty ranges are answered without a request.
 
         Raises:
             HubUnreachableError: transport failure, timeout, 5xx.
@@ -877,7 +880,10 @@ class HubClient:
             if r.start < 0 or r.length < 0:
                 raise ValueError(f"not a byte range: {r.start}-{r.end}")
         per_request = min(self._config.download.max_ranges_per_request, MAX_RANGES_PER_REQUEST)
-        for group in _groups(ranges, per_request):
+        # A whole answer is held while its ranges are cut out: its size bounds the
+        # agent's memory (bench/agent_install.py), so it is the configured range size.
+        max_bytes = min(self._config.download.max_range_bytes, MAX_RANGE_REQUEST_BYTES)
+        for group in _groups(ranges, per_request, max_bytes):
             wanted = [r for r in group if r.length > 0]
             parts = self._fetch_group(path, wanted) if wanted else []
             for r in group:

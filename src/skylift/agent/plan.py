@@ -51,7 +51,7 @@ DEFAULT_MAX_GAP_BYTES = 64 * 1024
 DEFAULT_MAX_RANGES_PER_REQUEST = 16
 #: One range is held in memory by the executor: keep it bounded (a single
 #: chunk object may still exceed it: it is then a range of its own).
-DEFAULT_MAX_RANGE_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_RANGE_BYTES = 4 * 1024 * 1024
 #: A pack object: the codec byte, then the stored bytes (skylift.hub.content).
 PACK_OBJECT_OVERHEAD = 1
 
