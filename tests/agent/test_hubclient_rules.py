@@ -1,6 +1,6 @@
 """The hub client's pure rules: the Uptane cross-check and multipart byte ranges.
 
-The version order is skylift.agent.versions' (tests/agent/test_versions.py).
+The version order is skylift.versions' (tests/test_versions.py).
 """
 
 from __future__ import annotations

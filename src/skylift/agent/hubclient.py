@@ -57,8 +57,8 @@ from skylift.agent.ports import (
     UpdateRefusedError,
 )
 from skylift.agent.reports import MAX_BATCH, Report
-from skylift.agent.versions import compare_versions
 from skylift.errors import SkyliftError
+from skylift.versions import compare_versions
 
 __all__ = [
     "GATEWAY_PREFIX",

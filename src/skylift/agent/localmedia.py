@@ -77,7 +77,6 @@ from skylift.agent.ports import (
     UpdateRefusedError,
 )
 from skylift.agent.reports import Report
-from skylift.agent.versions import compare_versions
 from skylift.bundle import (
     BundleError,
     BundleHead,
@@ -91,6 +90,7 @@ from skylift.bundle import (
 )
 from skylift.errors import SkyliftError
 from skylift.trust.repository import role_keys
+from skylift.versions import compare_versions
 
 __all__ = [
     "DEFAULT_MAX_INDEX_BYTES",

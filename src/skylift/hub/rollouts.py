@@ -96,6 +96,7 @@ from skylift.hub.db.models import (
     RolloutStatus,
 )
 from skylift.hub.web import Conflict, HubContext, Principal
+from skylift.versions import compare_versions
 
 __all__ = [
     "ACTOR",
@@ -138,55 +139,6 @@ _UNFINISHED = (RolloutStatus.PENDING, RolloutStatus.DOWNLOADING, RolloutStatus.I
 _TOP_REASONS = 3
 _REASON_CHARS = 80
 _NO_REASON = "no reason given"
-
-
-# -- versions -------------------------------------------------------------------------------------
-
-
-def _order(c: str) -> int:
-    # dpkg's character order: "~" before the end of a part, letters before other symbols.
-    if c == "" or c.isdigit():
-        return 0
-    if c == "~":
-        return -1
-    if c.isascii() and c.isalpha():
-        return ord(c)
-    return ord(c) + 256
-
-
-def compare_versions(a: str, b: str) -> int:
-    """Compare release versions as dpkg does: negative if ``a`` is older, 0 if equal, else positive.
-
-    Runs of digits compare as numbers (``1.10 > 1.9``), other characters by
-    dpkg's order, in which ``~`` sorts before anything, even the end, so
-    ``1.2.3~rc1 < 1.2.3``. Semantic versions compare as expected except for
-    pre-release suffixes, which need ``~`` instead of ``-``. Manifest
-    versions hold only ``[0-9A-Za-z.+~_-]``.
-    """
-    i = j = 0
-    while i < len(a) or j < len(b):
-        while (i < len(a) and not a[i].isdigit()) or (j < len(b) and not b[j].isdigit()):
-            ac = _order(a[i] if i < len(a) else "")
-            bc = _order(b[j] if j < len(b) else "")
-            if ac != bc:
-                return ac - bc
-            i, j = i + 1, j + 1
-        while i < len(a) and a[i] == "0":
-            i += 1
-        while j < len(b) and b[j] == "0":
-            j += 1
-        first_diff = 0
-        while i < len(a) and a[i].isdigit() and j < len(b) and b[j].isdigit():
-            if not first_diff:
-                first_diff = ord(a[i]) - ord(b[j])
-            i, j = i + 1, j + 1
-        if i < len(a) and a[i].isdigit():
-            return 1
-        if j < len(b) and b[j].isdigit():
-            return -1
-        if first_diff:
-            return first_diff
-    return 0
 
 
 # -- phase membership -----------------------------------------------------------------------------

@@ -1,13 +1,10 @@
-"""Release versions: which of two is newer, in the order the hub uses.
+"""Release versions: which of two is newer.
 
 The agent refuses a release older than the installed one unless a downgrade
 is explicitly allowed; the hub orders versions the same way when it decides
 what to offer. Both sides must agree, or a device would refuse what the hub
-considers an upgrade. The agent may not import the hub (import-linter), so
-this module holds the agent's copy of the hub's rule
-(``skylift.hub.rollouts.compare_versions``), and
-``tests/agent/test_versions.py`` checks that both give the same result on a
-table of cases and on generated versions.
+considers an upgrade, so both use this one module (hub and agent may not
+import each other).
 
 Pure: no I/O.
 """
@@ -36,9 +33,6 @@ def compare_versions(a: str, b: str) -> int:
     end, so ``1.2.3~rc1 < 1.2.3``; letters sort before other symbols. Semantic
     versions compare as expected except for pre-release suffixes, which need
     ``~`` instead of ``-``. Manifest versions hold only ``[0-9A-Za-z.+~_-]``.
-
-    The values returned (not only their signs) are the hub's, character
-    predicates included, so both sides agree on every input.
     """
     i = j = 0
     while i < len(a) or j < len(b):
