@@ -393,9 +393,8 @@ class SimHub:
             raise UpdateRefusedError(self.faults.refuse)
         if self.release is None or installed_version == self.release.offer.version:
             return None
-        done = {(r.get("details") or {}).get("version") for r in final_reports(self.sink)}
-        if self.release.offer.version in done:
-            return None  # the deployment finished for this device
+        # As the real hub's director does, it keeps naming the release after the
+        # device failed or rolled it back: not trying again is the agent's job.
         return self.release.offer
 
     def fetch_head(self, offer: Offer) -> bytes:

@@ -195,9 +195,19 @@ def test_failed_health_check_rolls_back_with_the_reason(
     assert "rollback hook ran" in rolled["details"]["hook_output"]
     assert dev.slot("A") == V1
     assert not dev.reports("committed")
-    # The hub does not offer the release again: the deployment is over for this device.
-    assert dev.updater().run_once().state is State.IDLE
-    assert dev.board.current() == "A"
+    # The hub keeps offering it (its director still names it); the agent does
+    # not try it again, in this process or after a restart: no install loop.
+    for _ in range(2):
+        out = dev.updater().run_once()
+        assert out.state is State.IDLE and not out.rebooting
+        assert "not trying 2.0.0 again" in (out.note or "")
+    assert dev.board.current() == "A" and dev.slot("A") == V1
+    assert len(dev.reports("rolled_back")) == 1 and not dev.reports("downloading")[1:]
+    # Once the hub offers something else (here: nothing), the same release may be tried again.
+    offered, dev.hub.release = dev.hub.release, None
+    dev.updater().run_once()
+    dev.hub.release = offered
+    assert dev.updater().run_once().rebooting
 
 
 def test_new_slot_that_never_comes_up_falls_back(tmp_path: Path, release_v2: Published) -> None:

@@ -153,7 +153,13 @@ _INSTALLED = "installed."
 _LAST_CHECK = "last_check_at"
 _LAST_RESULT = "last_result"
 _HOOK_OUTPUT = "hook_output"
-_KEPT_ACROSS_UPDATES = (_INSTALLED, _LAST_CHECK, _LAST_RESULT)
+#: The head SHA-256 of a release that failed or rolled back here. The hub keeps
+#: offering it (the director still names it), and installing it again after
+#: every restart would loop: install, reboot, roll back. The agent skips that
+#: exact offer for as long as the hub keeps making it; any other answer (no
+#: update, another release) forgets it, so a new deployment can try again.
+_FAILED_TARGET = "failed_target"
+_KEPT_ACROSS_UPDATES = (_INSTALLED, _LAST_CHECK, _LAST_RESULT, _FAILED_TARGET)
 _BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 _BOOT_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
 
@@ -889,6 +895,15 @@ class Updater:
             )
             return StepOutcome(Action.CHECK, record.state, note=record.reason)
         self._backoff.reset()
+        if offer is not None and offer.sha256 == record.extra.get(_FAILED_TARGET):
+            record = self._advance(record, Event.NO_UPDATE, extra=extra)
+            return StepOutcome(
+                Action.CHECK,
+                record.state,
+                self._poll_delay(),
+                note=f"not trying {offer.version} again: it failed on this device",
+            )
+        extra.pop(_FAILED_TARGET, None)
         if offer is None:
             record = self._advance(record, Event.NO_UPDATE, extra=extra)
             return StepOutcome(Action.CHECK, record.state, self._poll_delay())
@@ -1272,7 +1287,10 @@ class Updater:
         self._report(record, state, result=state.value, reason=reason, hook_output=output)
         version = record.release.version if record.release else None
         summary = f"{state.value} {version or ''}".strip() + f": {reason}"
-        extra = self._with_extra(record, **{_LAST_RESULT: summary[:500]})
+        values = {_LAST_RESULT: summary[:500]}
+        if record.release is not None:  # a refusal at check time names no release
+            values[_FAILED_TARGET] = record.release.sha256
+        extra = self._with_extra(record, **values)
         record = self._advance(record, Event.REPORTED, extra=extra)
         self._forget_update()
         self._deliver()
