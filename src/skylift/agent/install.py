@@ -232,7 +232,10 @@ class _Run:
                     self.fetched += 1
                 self.downloaded += len(data)
                 self.progress("fetch")
-                self.checkpoint()
+                # As for copies: a sync per range would be one per few MiB on flash.
+                # A power cut costs at most this much fetched again.
+                if self.unsynced >= _CHECKPOINT_BYTES:
+                    self.checkpoint()
             if asked:
                 raise InstallError(
                     f"the hub left out {len(asked)} of the {len(request.ranges)} ranges asked for",
