@@ -506,8 +506,19 @@ class Demo:
         self.print(f"  {V2} has {len(new)} chunks; {len(new) - len(fresh)} of them are in {V1}. "
                    f"A device on {V1} fetches the other {len(fresh)}: "
                    f"{_mib(sum(fresh.values()))} compressed, for a {_mib(size)} image")  # fmt: skip
-        self.print("  (computed from the two bundles: the agent does not report how much it "
-                   "downloaded)")  # fmt: skip
+        self.print("  (computed from the two bundles; what each device reported:)")
+        for device_id, items in result.events.items():
+            for e in items:
+                details = e.get("details") or {}
+                if e.get("state") == "installed" and details.get("version") == V2:
+                    fetched, image = details.get("downloaded_bytes"), details.get("image_bytes")
+                    if isinstance(fetched, int) and isinstance(image, int) and image:
+                        share = f"{100 * fetched / image:.1f}%"
+                        self.print(
+                            f"    {device_id} fetched {_mib(fetched)} for {V2}, "
+                            f"{share} of its {_mib(image)} image"
+                        )
+                    break
         every = all(result.slots_match.values())
         self.print(f"  every device's booted slot holds exactly the image it reports: {every}")
         if not every:

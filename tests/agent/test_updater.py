@@ -139,6 +139,11 @@ def test_update_v1_to_v2_commits_and_reports(tmp_path: Path, release_v2: Publish
     assert len(committed) == 1
     assert committed[0]["details"]["version"] == "2.0.0"
     assert committed[0]["details"]["slot_class"] == "rootfs"
+    # What delta delivery saved, in the reports: pack bytes fetched against the image size.
+    (installed,) = dev.reports("installed")
+    for report in (installed, committed[0]):
+        assert report["details"]["downloaded_bytes"] == dev.hub.bytes_served
+        assert report["details"]["image_bytes"] == len(V2)
     states = [r["state"] for r in dev.hub.sink.all() if r["kind"] == "update"]
     assert states == ["downloading", "installing", "installed", "rebooting", "trial", "committed"]
     assert any(r["kind"] == "progress" for r in dev.hub.sink.all())

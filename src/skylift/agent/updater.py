@@ -159,6 +159,11 @@ _HOOK_OUTPUT = "hook_output"
 #: exact offer for as long as the hub keeps making it; any other answer (no
 #: update, another release) forgets it, so a new deployment can try again.
 _FAILED_TARGET = "failed_target"
+#: Bytes fetched from the hub by the run that completed the install, and the
+#: payloads' size: the installed and committed reports carry both, so an
+#: operator sees what delta delivery saved.
+_DOWNLOADED = "downloaded_bytes"
+_IMAGE_BYTES = "image_bytes"
 _KEPT_ACROSS_UPDATES = (_INSTALLED, _LAST_CHECK, _LAST_RESULT, _FAILED_TARGET)
 _BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 _BOOT_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
@@ -784,6 +789,11 @@ class Updater:
             details["target_slot"] = record.target_slot
         if record.deployment_id is not None:
             details["deployment_id"] = record.deployment_id
+        if state in (State.INSTALLED, State.COMMITTED):
+            for key in (_DOWNLOADED, _IMAGE_BYTES):
+                value = record.extra.get(key, "")
+                if value.isdigit():
+                    details[key] = int(value)
         if state is State.COMMITTED and self.config.slot_classes:
             # The hub records the installed version of the slot class a committed report names.
             details["slot_class"] = self.config.slot_classes[0]
@@ -1076,9 +1086,9 @@ class Updater:
                 )
             )
             total = sum(p.size for p in update.manifest.payloads) or 1
-            done = 0
+            done = downloaded = 0
             for payload in update.manifest.payloads:
-                self._install_payload(record, update, payload, done, total)
+                downloaded += self._install_payload(record, update, payload, done, total)
                 done += payload.size
         except HubUnreachableError as e:
             return StepOutcome(
@@ -1105,7 +1115,10 @@ class Updater:
         self._backoff.reset()
         for payload in update.manifest.payloads:
             self._journal(record, update, payload).remove()
-        record = self._advance(self._record, Event.WRITTEN)
+        sizes = {_DOWNLOADED: str(downloaded), _IMAGE_BYTES: str(done)}
+        record = self._advance(
+            self._record, Event.WRITTEN, extra=self._with_extra(self._record, **sizes)
+        )
         return StepOutcome(Action.INSTALL, record.state)
 
     def _journal(
@@ -1121,7 +1134,8 @@ class Updater:
 
     def _install_payload(
         self, record: StateRecord, update: _Update, payload: PayloadEntry, done: int, total: int
-    ) -> None:
+    ) -> int:
+        """Install one payload into the inactive slot; the bytes fetched from the hub."""
         assert record.target_slot is not None
         assert record.previous_slot is not None
         pair = slot_pair(self.config, payload.slot_class, record.previous_slot)
@@ -1178,7 +1192,7 @@ class Updater:
                     )
                 slot = self._open_slot(pair.inactive, payload.size)
                 try:
-                    apply_plan(
+                    result = apply_plan(
                         plan,
                         fetch_ranges=fetch,
                         slot=slot,
@@ -1190,7 +1204,7 @@ class Updater:
                     )
                 finally:
                     slot.close()
-                return
+                return result.downloaded_bytes
             except ChunkRejectedError as e:
                 if attempt == 2:
                     raise
@@ -1198,6 +1212,7 @@ class Updater:
             finally:
                 if seed_dev is not None:
                     seed_dev.close()
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     # -- installed, rebooting ------------------------------------------------------------
 
