@@ -92,9 +92,10 @@ def test_missing_block_device_is_a_slot_error(tmp_path: Path) -> None:
         open_for_install(SlotConfig("rootfs", "B", "block", tmp_path / "nope"), 1)
 
 
-def test_unsupported_directory_slot_is_an_explicit_error(tmp_path: Path) -> None:
+def test_a_directory_slot_is_not_opened_as_a_device(tmp_path: Path) -> None:
+    # skylift.agent.dirslot extracts tar payloads into it (tests/agent/test_dirslot.py).
     slot = SlotConfig("app", "B", "directory", tmp_path / "app", include=("**",))
-    with pytest.raises(UnsupportedSlotError, match="cannot install to yet"):
+    with pytest.raises(UnsupportedSlotError, match="takes a tar payload extracted into it"):
         open_for_install(slot, 10)
     with pytest.raises(UnsupportedSlotError):
         open_for_reading(slot)

@@ -45,6 +45,7 @@ __all__ = [
     "Progress",
     "SlotVerifyError",
     "apply_plan",
+    "decode_object",
 ]
 
 #: The fetcher port: given the ranges of one request, yield each range and its bytes.
@@ -246,15 +247,7 @@ class _Run:
             raise InstallError(f"{missing} chunk(s) were never received")
 
     def decode(self, entry: ChunkEntry, obj: memoryview) -> bytes:
-        try:
-            if obj[0] != entry.codec:
-                raise ChunkDataError(f"chunk at offset {entry.offset}: codec differs from index")
-            return decode_chunk(entry, bytes(obj[PACK_OBJECT_OVERHEAD:]), self.decompressor)
-        except ChunkDataError as e:
-            raise ChunkRejectedError(
-                f"a downloaded chunk was refused: {e.message}",
-                hint="nothing of it was written; retry, and report it if it persists",
-            ) from e
+        return decode_object(entry, obj, self.decompressor)
 
     def verify(self, payload_sha256: str | None) -> int:
         whole = hashlib.sha256()
@@ -274,6 +267,25 @@ class _Run:
             self.journal.reset()
             raise SlotVerifyError("the slot does not match the payload's sha256 after writing")
         return done
+
+
+def decode_object(
+    entry: ChunkEntry, obj: memoryview, decompressor: zstandard.ZstdDecompressor
+) -> bytes:
+    """A pack object (codec byte, stored bytes) decoded and checked against ``entry``.
+
+    Raises:
+        ChunkRejectedError: wrong codec, undecodable, or another digest.
+    """
+    try:
+        if not obj or obj[0] != entry.codec:
+            raise ChunkDataError(f"chunk at offset {entry.offset}: codec differs from index")
+        return decode_chunk(entry, bytes(obj[PACK_OBJECT_OVERHEAD:]), decompressor)
+    except ChunkDataError as e:
+        raise ChunkRejectedError(
+            f"a downloaded chunk was refused: {e.message}",
+            hint="nothing of it was written; retry, and report it if it persists",
+        ) from e
 
 
 def _chunks_in(

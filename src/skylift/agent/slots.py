@@ -9,10 +9,9 @@ does; an unknown or unsupported type is an explicit error, never a no-op.
   exactly the image's size, never beyond the configured ``size_bytes``.
 - ``block``: a block device. Same code path; its capacity is found by seeking
   to its end; it is never resized.
-- ``directory``: not supported yet. A bundle's ``tar`` payload would have to be
-  extracted under the include/exclude rules, and the seed would need a
-  deterministic tar of the active tree cut with the payload's chunking; a
-  directory slot is refused with :class:`UnsupportedSlotError` until both exist.
+- ``directory``: not a device. A bundle's ``tar`` payload is extracted into
+  it by :mod:`skylift.agent.dirslot`; opening one here is
+  :class:`UnsupportedSlotError`.
 
 Pairing (:func:`slot_pair`) says which slot of a class is active (the one the
 bootloader booted) and which one an install may write.
@@ -33,6 +32,7 @@ __all__ = [
     "SlotDevice",
     "SlotError",
     "SlotPair",
+    "SlotReader",
     "SlotTooSmallError",
     "UnsupportedSlotError",
     "open_for_install",
@@ -75,6 +75,23 @@ class SlotDevice(Protocol):
     def close(self) -> None:
         """Release the slot (no sync implied)."""
         ...
+
+
+class SlotReader:
+    """A slot as a stream (``readinto``), for cutting it into seed chunks."""
+
+    def __init__(self, slot: SlotDevice) -> None:
+        self._slot = slot
+        self._pos = 0
+        self._size = slot.size()
+
+    def readinto(self, b: memoryview, /) -> int:
+        n = min(len(b), self._size - self._pos, 1024 * 1024)
+        if n <= 0:
+            return 0
+        b[:n] = self._slot.read_range(self._pos, n)
+        self._pos += n
+        return n
 
 
 @dataclass(frozen=True)
@@ -144,9 +161,8 @@ def _opener(slot: SlotConfig) -> _Opener:
 
 def _open_directory(slot: SlotConfig, image_size: int | None) -> SlotDevice:
     raise UnsupportedSlotError(
-        f"slot {slot.slot_class}/{slot.name} is a directory slot, which this agent cannot "
-        "install to yet",
-        hint="use a file or block slot with an image payload",
+        f"slot {slot.slot_class}/{slot.name} is a directory slot: it takes a tar payload "
+        "extracted into it, not an image written to it"
     )
 
 

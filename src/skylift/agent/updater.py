@@ -71,6 +71,7 @@ from typing import Any
 
 from skylift.agent.bootloader import Bootloader, BootloaderError, SimulatedBootloader
 from skylift.agent.config import AgentConfig, SlotConfig
+from skylift.agent.dirslot import install_directory
 from skylift.agent.errors import (
     AgentStateError,
     ReportQueueError,
@@ -78,7 +79,13 @@ from skylift.agent.errors import (
     StateFileError,
 )
 from skylift.agent.hooks import HookResult, HookRunner
-from skylift.agent.install import ChunkRejectedError, InstallError, Progress, apply_plan
+from skylift.agent.install import (
+    ChunkRejectedError,
+    FetchRanges,
+    InstallError,
+    Progress,
+    apply_plan,
+)
 from skylift.agent.journal import InstallJournal, JournalError, install_id
 from skylift.agent.machine import (
     DEFAULT_MAX_RESUMES,
@@ -91,7 +98,14 @@ from skylift.agent.machine import (
     side_of,
     was_rebooted,
 )
-from skylift.agent.plan import ByteRange, PlanError, make_plan, parse_offsets, seed_index
+from skylift.agent.plan import (
+    ByteRange,
+    PlanError,
+    PlanTotals,
+    make_plan,
+    parse_offsets,
+    seed_index,
+)
 from skylift.agent.ports import (
     HubPort,
     HubUnreachableError,
@@ -109,6 +123,8 @@ from skylift.agent.reports import (
 from skylift.agent.slots import (
     SlotDevice,
     SlotError,
+    SlotPair,
+    SlotReader,
     open_for_install,
     open_for_reading,
     slot_pair,
@@ -327,6 +343,13 @@ def verify_head(head: bytes, release: Release, config: AgentConfig) -> Manifest:
             f"the bundle has no payload for slot class {left_out[0]!r}; booting the other "
             "slot would run a stale image there"
         )
+    directories = {s.slot_class for s in config.slots if s.type == "directory"}
+    for p in manifest.payloads:
+        if p.slot_class in directories and p.type != "tar":
+            raise UpdateRefusedError(
+                f"payload {p.name} is a {p.type} image, but slot class {p.slot_class!r} is "
+                "a directory slot and takes tar payloads"
+            )
     return manifest
 
 
@@ -365,23 +388,6 @@ def verify_index(payload: PayloadEntry, data: bytes) -> list[ChunkEntry]:
     if pos != len(data):
         raise UpdateRefusedError(f"the index of payload {payload.name} has trailing bytes")
     return entries
-
-
-class _SlotReader:
-    """A slot as a stream (``readinto``), for cutting it into seed chunks."""
-
-    def __init__(self, slot: SlotDevice) -> None:
-        self._slot = slot
-        self._pos = 0
-        self._size = slot.size()
-
-    def readinto(self, b: memoryview, /) -> int:
-        n = min(len(b), self._size - self._pos, 1024 * 1024)
-        if n <= 0:
-            return 0
-        b[:n] = self._slot.read_range(self._pos, n)
-        self._pos += n
-        return n
 
 
 # -- status -------------------------------------------------------------------------
@@ -1164,6 +1170,8 @@ class Updater:
                     report_id=f"{record.update_id}.progress.{pct}",
                 )
 
+        if pair.inactive.type == "directory":
+            return self._install_directory(pair, update, payload, fetch, progress)
         for attempt in (1, 2):
             journal = self._journal(record, update, payload)
             seed_dev = _open_seed(pair.active)
@@ -1171,7 +1179,7 @@ class Updater:
                 seed = {}
                 if seed_dev is not None:
                     seed = seed_index(
-                        _SlotReader(seed_dev),
+                        SlotReader(seed_dev),
                         payload.chunking,
                         payload.size,
                         wanted={e.digest for e in entries},
@@ -1185,11 +1193,7 @@ class Updater:
                     max_ranges_per_request=download.max_ranges_per_request,
                     max_range_bytes=download.max_range_bytes,
                 )
-                if plan.totals.download_bytes > self.config.storage.max_download_bytes:
-                    raise UpdateRefusedError(
-                        f"payload {payload.name} needs {plan.totals.download_bytes} bytes of "
-                        f"download; at most {self.config.storage.max_download_bytes}"
-                    )
+                self._check_download(payload, plan.totals)
                 slot = self._open_slot(pair.inactive, payload.size)
                 try:
                     result = apply_plan(
@@ -1212,6 +1216,46 @@ class Updater:
             finally:
                 if seed_dev is not None:
                     seed_dev.close()
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _check_download(self, payload: PayloadEntry, totals: PlanTotals) -> None:
+        limit = self.config.storage.max_download_bytes
+        if totals.download_bytes > limit:
+            raise UpdateRefusedError(
+                f"payload {payload.name} needs {totals.download_bytes} bytes of "
+                f"download; at most {limit}"
+            )
+
+    def _install_directory(
+        self,
+        pair: SlotPair,
+        update: _Update,
+        payload: PayloadEntry,
+        fetch: FetchRanges,
+        progress: Callable[[Progress], None],
+    ) -> int:
+        """A tar payload streamed into a directory slot (skylift.agent.dirslot)."""
+        download = self.config.download
+        for attempt in (1, 2):
+            try:
+                result = install_directory(
+                    pair,
+                    payload,
+                    update.entries[payload.name],
+                    update.offsets[payload.name],
+                    fetch_ranges=fetch,
+                    state_dir=self.config.storage.state_dir,
+                    max_gap_bytes=download.max_gap_bytes,
+                    max_ranges_per_request=download.max_ranges_per_request,
+                    max_range_bytes=download.max_range_bytes,
+                    check_plan=lambda totals: self._check_download(payload, totals),
+                    on_progress=progress,
+                )
+                return result.downloaded_bytes
+            except ChunkRejectedError as e:
+                if attempt == 2:
+                    raise
+                _log.warning("refetching after a corrupt chunk: %s", e.message)
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     # -- installed, rebooting ------------------------------------------------------------
