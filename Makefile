@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed
 # Debian packages the test suite drives: mke2fs builds real ext4 images;
 # postgresql provides initdb/pg_ctl for the throwaway server the hub tests start;
 # libubootenv-tool (fw_printenv/fw_setenv) and grub-common (grub-editenv) check
-# the agent's bootloader environments byte for byte.
-TEST_DEBS ?= e2fsprogs postgresql libubootenv-tool grub-common
+# the agent's bootloader environments byte for byte; softhsm2, libengine-pkcs11-openssl
+# and opensc (pkcs11-tool) give the agent's PKCS#11 tests a real token.
+TEST_DEBS ?= e2fsprogs postgresql libubootenv-tool grub-common softhsm2 libengine-pkcs11-openssl opensc
 BENCH_DEBS ?= zstd e2fsprogs
 DEMO_DEBS ?= e2fsprogs
 

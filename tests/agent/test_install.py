@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from skylift.agent.install import (
     apply_plan,
 )
 from skylift.agent.journal import InstallJournal, install_id
-from skylift.agent.plan import ByteRange, InstallPlan, make_plan, seed_index
+from skylift.agent.plan import ByteRange, InstallPlan, Source, make_plan, seed_index
 from skylift.agent.slots import SlotDevice, open_for_install, open_for_reading
 from skylift.bundle import ChunkData, PayloadEntry, TrustedKeys, read_body, read_head
 from skylift.chunks import ChunkEntry, ChunkingParams
@@ -270,3 +271,80 @@ def test_readback_mismatch_resets_the_journal(tmp_path: Path, v2: Release) -> No
     finally:
         inner.close()
     assert len(InstallJournal(tmp_path / "j", install_id("x")).verified) == 0
+
+
+def test_a_stale_chunk_inside_a_seed_run_is_fetched_alone(tmp_path: Path, v2: Release) -> None:
+    # Seed chunks that are neighbours are copied as one run; each is still checked on its own.
+    seed = seed_index(io.BytesIO(V1), v2.payload.chunking, len(V1))
+    plan = make_plan(v2.entries, v2.offsets, seed)
+    seeds = plan.steps_from(Source.SEED)
+    victim = next(
+        s
+        for a, s, b in zip(seeds, seeds[1:], seeds[2:], strict=False)
+        if a.source_offset + a.entry.length == s.source_offset
+        and s.source_offset + s.entry.length == b.source_offset
+        and a.entry.offset + a.entry.length == s.entry.offset
+    )
+    stale_image = bytearray(V1)
+    stale_image[victim.source_offset + 1] ^= 0xFF
+    (tmp_path / "a.img").write_bytes(stale_image)
+    hub = FakeHub(v2.pack)
+    journal = InstallJournal(tmp_path / "j", install_id("x"))
+    slot = open_for_install(slot_cfg(tmp_path / "b.img", "B"), plan.size)
+    seed_dev = open_for_reading(slot_cfg(tmp_path / "a.img", "A"))
+    try:
+        result = apply_plan(
+            plan, fetch_ranges=hub, slot=slot, seed=seed_dev, journal=journal, on_progress=None
+        )
+    finally:
+        slot.close()
+        seed_dev.close()
+    assert result.stale_seed_chunks == 1
+    assert victim.ordinal in ordinals_in(v2, hub.asked)
+    assert (tmp_path / "b.img").read_bytes() == V2
+
+
+def test_zero_chunks_are_written_without_reading_and_checked_on_read_back(
+    tmp_path: Path, signer: CryptoSigner
+) -> None:
+    image = V1[:100_000] + bytes(300_000) + V1[100_000:200_000] + bytes(200_000)
+    release = release_of(signer, image)
+    zero_digests = {hashlib.sha256(bytes(e.length)).digest() for e in release.entries}
+    zero_chunks = [e for e in release.entries if e.digest in zero_digests]
+    assert len(zero_chunks) >= 4  # the zero stretches repeat a chunk of zeros
+    hub = FakeHub(release.pack)
+    (tmp_path / "b.img").write_bytes(b"\xaa" * len(image))  # whatever the slot held before
+    plan, _ = run(tmp_path, release, hub)
+    assert (tmp_path / "b.img").read_bytes() == image
+    # Repeats of the zero chunk are copies within the target, written from memory.
+    assert plan.totals.target_copy_chunks >= len(zero_chunks) - 2
+
+    # A zero chunk that reads back with a non-zero byte fails the read-back.
+    class Flipping:
+        def __init__(self, inner: SlotDevice, at: int) -> None:
+            self.inner, self.at = inner, at
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+        def read_range(self, offset: int, length: int) -> bytes:
+            data = bytearray(self.inner.read_range(offset, length))
+            if offset <= self.at < offset + length:
+                data[self.at - offset] = 1
+            return bytes(data)
+
+    journal = InstallJournal(tmp_path / "j2", install_id("y"))
+    plan = make_plan(release.entries, release.offsets, {})
+    inner = open_for_install(slot_cfg(tmp_path / "c.img", "B"), plan.size)
+    try:
+        with pytest.raises(SlotVerifyError, match=f"offset {zero_chunks[-1].offset}"):
+            apply_plan(
+                plan,
+                fetch_ranges=FakeHub(release.pack),
+                slot=Flipping(inner, zero_chunks[-1].offset + 7),  # type: ignore[arg-type]
+                seed=None,
+                journal=journal,
+                on_progress=None,
+            )
+    finally:
+        inner.close()

@@ -18,11 +18,12 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+from skylift.agent.pkcs11 import parse_uri
 from skylift.errors import UserInputError
 
 __all__ = [
@@ -82,15 +83,21 @@ class HubConfig:
 
 @dataclass(frozen=True)
 class IdentityConfig:
-    """Who the device is: its mTLS identity and the ids it enrolls with."""
+    """Who the device is: its mTLS identity and the ids it enrolls with.
+
+    The key is a PEM file (``key_file``) or an object in a PKCS#11 token
+    (``pkcs11_uri``, through ``pkcs11_module``: see :mod:`skylift.agent.pkcs11`).
+    ``pkcs11_uri`` may carry a ``pin-value``: it is left out of ``repr``.
+    """
 
     device_id: str
     product: str
     hardware_id: str
     cert_file: Path
     key_file: Path | None
-    pkcs11_uri: str | None
+    pkcs11_uri: str | None = field(repr=False)
     provisioning_key_file: Path | None
+    pkcs11_module: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -296,8 +303,13 @@ class _Parser:
         pkcs11 = t.string("pkcs11_uri", required=False)
         if (key_file is None) == (pkcs11 is None):
             raise t.fail("key_file", "give exactly one of key_file and pkcs11_uri")
-        if pkcs11 is not None and not pkcs11.startswith("pkcs11:"):
-            raise t.fail("pkcs11_uri", "must be a PKCS#11 URI (RFC 7512) starting with pkcs11:")
+        if pkcs11 is not None:
+            try:
+                parse_uri(pkcs11)
+            except ValueError as e:  # never quotes a PIN
+                raise t.fail("pkcs11_uri", str(e)) from None
+        else:
+            t.forbid("pkcs11_module", "only a pkcs11_uri key needs a PKCS#11 module")
         identity = IdentityConfig(
             device_id=device_id,
             product=product,
@@ -306,6 +318,7 @@ class _Parser:
             key_file=key_file,
             pkcs11_uri=pkcs11,
             provisioning_key_file=t.path("provisioning_key_file", required=False),
+            pkcs11_module=t.path("pkcs11_module", required=False),
         )
         t.done()
         return identity

@@ -14,6 +14,11 @@
   repository's. Those roots are what the agent pins for TUF
   (:class:`~skylift.agent.hubclient.PinnedFiles`); from then on it talks
   mutual TLS only.
+- **A key in a PKCS#11 token** (``[identity] pkcs11_uri``): the same two
+  cases, except that the key is never generated or written here. It was made
+  in the token (secure element, TPM, smart card) when the device was built;
+  the certificate must be for its public key, and an enrollment's CSR is
+  signed in the token (:mod:`skylift.agent.pkcs11`).
 
 Each step survives a power cut. The key is written atomically before the
 CSR is sent, and a key found without a certificate is reused. The hub's
@@ -21,8 +26,8 @@ answer is saved whole (``trust/enrollment.json``) before anything is taken
 from it, and the certificate is written last: a restart finishes from the
 saved answer instead of asking again (the hub never issues an id twice).
 
-Secrets stay secret: neither the provisioning key nor the private key is
-ever logged or put in an error message.
+Secrets stay secret: neither the provisioning key, nor the private key, nor
+a token's PIN is ever logged or put in an error message.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +48,11 @@ import urllib3
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 from tuf.api.metadata import Metadata, Root
 
+from skylift.agent import pkcs11
 from skylift.agent.config import AgentConfig
 from skylift.agent.hubclient import (
     GATEWAY_PREFIX,
@@ -92,6 +101,7 @@ class Identity:
 
     ``enrolled`` is True when this call enrolled the device (or finished an
     enrollment a crash interrupted); ``poll_interval_s`` is the hub's, then.
+    ``key_file`` is None when the key is in a PKCS#11 token.
     """
 
     device_id: str
@@ -111,7 +121,8 @@ def ensure_identity(config: AgentConfig, *, now: datetime) -> Identity:
         IdentityError: a file is missing, unreadable or does not fit (a
             certificate without its key, for another device or key, expired;
             no certificate and no provisioning key; no pinned roots beside a
-            factory certificate).
+            factory certificate), or the PKCS#11 key cannot be used (module,
+            engine, token, object or PIN: one line, never the PIN).
         EnrollmentError: the hub refused the enrollment (bad or used-up
             provisioning key, other product, id taken) or answered badly.
         HubUnreachableError: the hub could not be reached, timed out or
@@ -119,29 +130,54 @@ def ensure_identity(config: AgentConfig, *, now: datetime) -> Identity:
     """
     identity = config.identity
     pinned = pinned_files(config)
+    if identity.pkcs11_uri is not None:
+        return _token_identity(config, identity.pkcs11_uri, pinned, now)
     key_file = identity.key_file
-    if key_file is None:
-        if not identity.cert_file.exists():
-            raise IdentityError(
-                "this agent cannot enroll with a PKCS#11 key yet",
-                hint=f"install the device certificate at {identity.cert_file}",
-            )
-        cert = _load_certificate(identity.cert_file)
-        _check_certificate(cert, None, identity.device_id, identity.cert_file, now)
-        _require_roots(pinned)
-        return Identity(identity.device_id, identity.cert_file, None, pinned, enrolled=False)
+    if key_file is None:  # pragma: no cover - the configuration names one of the two
+        raise IdentityError("[identity] names neither key_file nor pkcs11_uri")
 
     if identity.cert_file.exists():
         if not key_file.exists():
             raise IdentityError(f"{identity.cert_file} exists but its key {key_file} does not")
         key = _load_key(key_file)
         cert = _load_certificate(identity.cert_file)
-        _check_certificate(cert, key, identity.device_id, identity.cert_file, now)
+        _check_certificate(cert, key.public_key(), identity.device_id, identity.cert_file, now)
         _require_roots(pinned)
         return Identity(identity.device_id, identity.cert_file, key_file, pinned, enrolled=False)
 
     key = _load_key(key_file) if key_file.exists() else _new_key(key_file)
-    answer = _saved_answer(pinned, key, identity.device_id, now)
+    csr = partial(make_csr, key, identity.device_id)
+    return _enroll(config, pinned, key.public_key(), csr, key_file, now)
+
+
+def _token_identity(config: AgentConfig, uri: str, pinned: PinnedFiles, now: datetime) -> Identity:
+    """:func:`ensure_identity` for a key that stays in a PKCS#11 token."""
+    identity = config.identity
+    try:
+        with pkcs11.load_key(uri, module=identity.pkcs11_module) as key:
+            public = key.public_key()
+            if not identity.cert_file.exists():
+                csr = partial(key.make_csr, identity.device_id)
+                return _enroll(config, pinned, public, csr, None, now)
+    except pkcs11.Pkcs11Error as e:
+        raise IdentityError(e.message, hint=e.hint) from e
+    cert = _load_certificate(identity.cert_file)
+    _check_certificate(cert, public, identity.device_id, identity.cert_file, now)
+    _require_roots(pinned)
+    return Identity(identity.device_id, identity.cert_file, None, pinned, enrolled=False)
+
+
+def _enroll(
+    config: AgentConfig,
+    pinned: PinnedFiles,
+    public: PublicKeyTypes,
+    csr: Callable[[], bytes],
+    key_file: Path | None,
+    now: datetime,
+) -> Identity:
+    """Finish a saved enrollment answer for ``public``, or ask the hub with ``csr()``."""
+    identity = config.identity
+    answer = _saved_answer(pinned, public, identity.device_id, now)
     if answer is None:
         if identity.provisioning_key_file is None:
             raise IdentityError(
@@ -150,8 +186,8 @@ def ensure_identity(config: AgentConfig, *, now: datetime) -> Identity:
                 hint="set [identity] provisioning_key_file, or install a factory certificate",
             )
         secret = _read_provisioning_key(identity.provisioning_key_file)
-        doc = _request_enrollment(config, key, secret)
-        answer = _Answer.parse(doc, key, identity.device_id, now)
+        doc = _request_enrollment(config, csr(), secret)
+        answer = _Answer.parse(doc, public, identity.device_id, now)
         try:
             pinned.directory.mkdir(parents=True, exist_ok=True)
             atomic_write(pinned.enrollment, json.dumps(doc, sort_keys=True).encode())
@@ -237,12 +273,12 @@ def _names(cert: x509.Certificate) -> set[str]:
 
 def _check_certificate(
     cert: x509.Certificate,
-    key: DevicePrivateKey | None,
+    public: PublicKeyTypes,
     device_id: str,
     where: Path | str,
     now: datetime,
 ) -> None:
-    if key is not None and _public_der(cert.public_key()) != _public_der(key.public_key()):
+    if _public_der(cert.public_key()) != _public_der(public):
         raise IdentityError(f"the device certificate {where} is not for the device key")
     names = _names(cert)
     if names != {device_id}:
@@ -289,14 +325,14 @@ def _read_provisioning_key(path: Path) -> str:
     return secret
 
 
-def _request_enrollment(config: AgentConfig, key: DevicePrivateKey, secret: str) -> dict[str, Any]:
+def _request_enrollment(config: AgentConfig, csr: bytes, secret: str) -> dict[str, Any]:
     identity = config.identity
     body = json.dumps(
         {
             "device_id": identity.device_id,
             "product": identity.product,
             "hardware_id": identity.hardware_id,
-            "csr": make_csr(key, identity.device_id).decode("ascii"),
+            "csr": csr.decode("ascii"),
             "provisioning_key": secret,
         }
     ).encode()
@@ -370,9 +406,9 @@ class _Answer:
 
     @classmethod
     def parse(
-        cls, doc: dict[str, Any], key: DevicePrivateKey, device_id: str, now: datetime
+        cls, doc: dict[str, Any], public: PublicKeyTypes, device_id: str, now: datetime
     ) -> _Answer:
-        """Check an enrollment answer against the device's key and id.
+        """Check an enrollment answer against the device's public key and id.
 
         Raises:
             EnrollmentError: a field is missing or unusable.
@@ -389,7 +425,7 @@ class _Answer:
         except (ValueError, UnicodeEncodeError):
             raise EnrollmentError("the hub's enrollment answer has an unusable PEM") from None
         try:
-            _check_certificate(cert, key, device_id, "issued by the hub", now)
+            _check_certificate(cert, public, device_id, "issued by the hub", now)
         except IdentityError as e:
             raise EnrollmentError(e.message) from e
         interval = doc.get("poll_interval_s")
@@ -418,7 +454,7 @@ def _root(value: object, kind: str) -> bytes:
 
 
 def _saved_answer(
-    pinned: PinnedFiles, key: DevicePrivateKey, device_id: str, now: datetime
+    pinned: PinnedFiles, public: PublicKeyTypes, device_id: str, now: datetime
 ) -> _Answer | None:
     """The answer a crash left behind, if it is for this key; else None."""
     path = pinned.enrollment
@@ -428,7 +464,7 @@ def _saved_answer(
         doc = json.loads(read_bounded(path, 8 * 1024 * 1024, "enrollment answer"))
         if not isinstance(doc, dict):
             raise ValueError("not an object")
-        return _Answer.parse(doc, key, device_id, now)
+        return _Answer.parse(doc, public, device_id, now)
     except (UserInputError, ValueError, EnrollmentError) as e:
         reason = e.message if isinstance(e, UserInputError | EnrollmentError) else str(e)
         log.warning("ignoring the saved enrollment answer %s: %s", path, reason)

@@ -46,6 +46,7 @@ from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 
+from skylift.agent import pkcs11
 from skylift.agent.config import AgentConfig
 from skylift.agent.errors import ReportRejectedError, ReportTransportError
 from skylift.agent.plan import ByteRange
@@ -159,10 +160,12 @@ def tls_context(config: AgentConfig, *, client_cert: bool = True) -> ssl.SSLCont
 
     The server is verified against ``[hub] ca_file``, or the system trust store
     without one; hostnames are checked. ``client_cert=False`` is for enrollment.
+    A ``pkcs11_uri`` key stays in its token: the context signs handshakes
+    there (:mod:`skylift.agent.pkcs11`).
 
     Raises:
         IdentityError: a certificate, key or CA file cannot be loaded, or the
-            key is in a PKCS#11 token (not supported by this client yet).
+            PKCS#11 module, engine, token, PIN or key cannot be used.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -178,11 +181,13 @@ def tls_context(config: AgentConfig, *, client_cert: bool = True) -> ssl.SSLCont
         ) from e
     if client_cert:
         identity = config.identity
-        if identity.key_file is None:
-            raise IdentityError(
-                "this agent cannot use a PKCS#11 key for TLS yet",
-                hint="use [identity] key_file",
-            )
+        if identity.pkcs11_uri is not None:
+            try:
+                with pkcs11.load_key(identity.pkcs11_uri, module=identity.pkcs11_module) as key:
+                    key.install(ctx, identity.cert_file)
+            except pkcs11.Pkcs11Error as e:
+                raise IdentityError(e.message, hint=e.hint) from e
+            return ctx
         try:
             ctx.load_cert_chain(str(identity.cert_file), str(identity.key_file))
         except (OSError, ssl.SSLError) as e:
