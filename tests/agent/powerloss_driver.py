@@ -150,6 +150,12 @@ class _Slot:
             self._killer.die()
         self._inner.write_at(offset, data)
 
+    def zero_range(self, offset: int, length: int) -> None:
+        if self._killer.due("write"):
+            self._inner.zero_range(offset, length // 2)
+            self._killer.die()
+        self._inner.zero_range(offset, length)
+
     def sync(self) -> None:
         self._inner.sync()
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from skylift.agent import slots
 from skylift.agent.config import SlotConfig, parse_config
 from skylift.agent.slots import (
     SlotError,
@@ -116,3 +118,37 @@ def test_pairing_refuses_unknown_class_or_boot_name() -> None:
         slot_pair(config, "kernel", "A")
     with pytest.raises(SlotError, match="booted slot 'C'"):
         slot_pair(config, "rootfs", "C")
+
+
+def test_zero_range_punches_a_hole_in_a_file_slot(tmp_path: Path) -> None:
+    path = tmp_path / "b.img"
+    path.write_bytes(b"\xaa" * (1 << 20))
+    before = os.stat(path).st_blocks
+    dev = open_for_install(SlotConfig("rootfs", "B", "file", path, size_bytes=1 << 20), 1 << 20)
+    try:
+        dev.zero_range(4096, 512 * 1024)
+        dev.sync()
+    finally:
+        dev.close()
+    data = path.read_bytes()
+    assert data[:4096] == b"\xaa" * 4096
+    assert data[4096 : 4096 + 512 * 1024] == bytes(512 * 1024)
+    assert data[4096 + 512 * 1024 :] == b"\xaa" * ((1 << 20) - 4096 - 512 * 1024)
+    assert os.stat(path).st_blocks < before  # the blocks were freed, not written
+
+
+def test_zero_range_writes_zeros_where_holes_are_unsupported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(slots, "_punch_hole", lambda fd, offset, length: False)
+    path = tmp_path / "b.img"
+    path.write_bytes(b"\xaa" * (3 << 20))
+    dev = open_for_install(SlotConfig("rootfs", "B", "file", path, size_bytes=3 << 20), 3 << 20)
+    try:
+        dev.zero_range(1, (2 << 20) + 5)  # more than one 1 MiB piece of zeros
+    finally:
+        dev.close()
+    data = path.read_bytes()
+    assert data[0] == 0xAA
+    assert data[1 : (2 << 20) + 6] == bytes((2 << 20) + 5)
+    assert data[(2 << 20) + 6 :] == b"\xaa" * ((3 << 20) - (2 << 20) - 6)

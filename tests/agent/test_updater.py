@@ -383,6 +383,9 @@ class _FullDisk:
         self._room -= len(data)
         self._inner.write_at(offset, data)
 
+    def zero_range(self, offset: int, length: int) -> None:
+        self._inner.zero_range(offset, length)  # a hole takes no room
+
     def sync(self) -> None:
         self._inner.sync()
 

@@ -340,6 +340,9 @@ class TarSplitSeed:
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
         raise DirectorySlotError("a directory seed is read-only")
 
+    def zero_range(self, offset: int, length: int) -> None:
+        raise DirectorySlotError("a directory seed is read-only")
+
     def sync(self) -> None:
         pass
 

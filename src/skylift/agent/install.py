@@ -19,7 +19,7 @@ import bisect
 import contextlib
 import functools
 import hashlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import zstandard
@@ -47,6 +47,7 @@ __all__ = [
     "SlotVerifyError",
     "apply_plan",
     "decode_object",
+    "zero_digests",
 ]
 
 #: The fetcher port: given the ranges of one request, yield each range and its bytes.
@@ -159,6 +160,7 @@ class _Run:
         self.fetched = 0
         self.unsynced = 0
         self.decompressor = zstandard.ZstdDecompressor()
+        self.zero_digests = zero_digests(plan.entries)
 
     def progress(self, phase: str, done: int | None = None) -> None:
         if self.on_progress is not None:
@@ -197,9 +199,11 @@ class _Run:
         from memory, not read.
         """
         stale: list[ChunkStep] = []
-        for run in _runs(steps):
-            if run[0].entry.digest == _zero_digest(run[0].entry.length):
-                self.write_run(run, memoryview(_zeros(sum(s.entry.length for s in run))))
+        for run in _runs(steps, self.zero_digests):
+            if run[0].entry.digest in self.zero_digests:
+                total = sum(s.entry.length for s in run)
+                self.slot.zero_range(run[0].entry.offset, total)
+                self.wrote(run, total)
             elif source is None:
                 stale.extend(run)
                 continue
@@ -236,10 +240,13 @@ class _Run:
     def write_run(self, run: Sequence[ChunkStep], data: memoryview) -> None:
         """Write verified neighbouring chunks at once."""
         self.slot.write_at(run[0].entry.offset, data)
+        self.wrote(run, len(data))
+
+    def wrote(self, run: Sequence[ChunkStep], length: int) -> None:
         for step in run:
             self.journal.add(step.ordinal)
-        self.done += len(data)
-        self.unsynced += len(data)
+        self.done += length
+        self.unsynced += length
 
     def fetch(self, requests: Sequence[FetchRequest], steps: Sequence[ChunkStep]) -> None:
         by_start = {s.pack_range.start: s for s in steps}
@@ -298,7 +305,7 @@ class _Run:
             pos = 0
             for entry in run:
                 end = pos + entry.length
-                if entry.digest == _zero_digest(entry.length):
+                if entry.digest in self.zero_digests:
                     ok = data[pos:end] == _zeros(entry.length)
                 else:
                     ok = hashlib.sha256(memoryview(data)[pos:end]).digest() == entry.digest
@@ -322,9 +329,19 @@ class _Run:
 _RUN_BYTES = 4 * 1024 * 1024
 
 
-@functools.lru_cache(maxsize=16)
-def _zero_digest(length: int) -> bytes:
-    return hashlib.sha256(_zeros(length)).digest()
+def zero_digests(entries: Sequence[ChunkEntry]) -> frozenset[bytes]:
+    """The digests among ``entries`` that name a chunk of zeros.
+
+    Only repeated digests are candidates (free space is many equal chunks of
+    zeros), so only a few distinct lengths are hashed.
+    """
+    seen: set[bytes] = set()
+    lengths: set[int] = set()
+    for e in entries:
+        if e.digest in seen:
+            lengths.add(e.length)
+        seen.add(e.digest)
+    return frozenset(hashlib.sha256(bytes(n)).digest() for n in lengths)
 
 
 @functools.lru_cache(maxsize=4)
@@ -332,7 +349,7 @@ def _zeros(length: int) -> bytes:
     return bytes(length)
 
 
-def _runs(steps: Sequence[ChunkStep]) -> Iterator[list[ChunkStep]]:
+def _runs(steps: Sequence[ChunkStep], zeros: Collection[bytes]) -> Iterator[list[ChunkStep]]:
     """Steps in groups that are neighbours in the target and in their source (4 MiB at most).
 
     Chunks of zeros go in groups of their own (they are written, not read).
@@ -342,7 +359,7 @@ def _runs(steps: Sequence[ChunkStep]) -> Iterator[list[ChunkStep]]:
     zero = False
     for step in steps:
         e = step.entry
-        is_zero = e.digest == _zero_digest(e.length)
+        is_zero = e.digest in zeros
         if run:
             last = run[-1]
             joins = (

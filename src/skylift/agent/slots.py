@@ -19,6 +19,8 @@ bootloader booted) and which one an install may write.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -66,6 +68,10 @@ class SlotDevice(Protocol):
 
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
         """Write all of ``data`` at ``offset``; raises SlotError on failure."""
+        ...
+
+    def zero_range(self, offset: int, length: int) -> None:
+        """Make ``length`` bytes at ``offset`` read as zeros; raises SlotError on failure."""
         ...
 
     def sync(self) -> None:
@@ -260,6 +266,25 @@ class _FdSlot:
         except OSError as e:
             raise SlotError(f"cannot write {self._where}: {e.strerror or e}") from e
 
+    def zero_range(self, offset: int, length: int) -> None:
+        """Zeros, not written where the kernel can: a hole in a file, a zero-out on a device.
+
+        ``fallocate(PUNCH_HOLE | KEEP_SIZE)`` frees a file's blocks (reads give
+        zeros, as after ``cp`` of a sparse image) and, on a block device, has
+        the kernel zero the range (``blkdev_issue_zeroout``). Where it is not
+        supported (another file system, an old kernel), zeros are written.
+        """
+        if length <= 0:
+            return
+        if _punch_hole(self._fd, offset, length):
+            return
+        zeros = memoryview(bytes(min(length, 1024 * 1024)))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeros), end - offset)
+            self.write_at(offset, zeros[:n])
+            offset += n
+
     def sync(self) -> None:
         try:
             os.fsync(self._fd)
@@ -270,3 +295,23 @@ class _FdSlot:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc: ctypes.CDLL | None = None
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """``fallocate(fd, PUNCH_HOLE | KEEP_SIZE, offset, length)``; False where unsupported."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+        _libc.fallocate.restype = ctypes.c_int
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+        return False
+    raise SlotError(f"cannot zero bytes {offset}+{length} of a slot: {os.strerror(err)}")
