@@ -471,16 +471,19 @@ class _Transport:
         timeout_s: float,
         maxsize: int,
         monotonic: Callable[[], float],
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.timeout_s = timeout_s
         self.monotonic = monotonic
+        # Sent with every request (urllib3's pool-wide headers are replaced, not
+        # merged, by a request's own, so they are merged in open()).
+        self.headers = {"User-Agent": _USER_AGENT, **(headers or {})}
         self.pool = urllib3.PoolManager(
             num_pools=2,
             maxsize=maxsize,
             ssl_context=context,
             retries=False,
             timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
-            headers={"User-Agent": _USER_AGENT},
         )
 
     def budget_s(self, limit: int) -> float:
@@ -500,7 +503,7 @@ class _Transport:
             method,
             url,
             body=body,
-            headers=dict(headers or {}),
+            headers={**self.headers, **(headers or {})},
             preload_content=False,
             decode_content=False,  # never asked for compression: no decompression bombs
             redirect=False,
@@ -638,6 +641,12 @@ class HubClient:
             timeout_s=config.hub.request_timeout_s,
             maxsize=pool_maxsize,
             monotonic=monotonic,
+            # What the hub registers a factory-certified device with on its first
+            # connection when its signer CA serves several products (docs/api.md).
+            headers={
+                "X-Skylift-Product": config.identity.product,
+                "X-Skylift-Hardware": config.identity.hardware_id,
+            },
         )
         self._pinned = pinned_files(config)
         self._tuf_dir = config.storage.state_dir / "tuf"
