@@ -69,7 +69,7 @@ def test_documented_example_parses() -> None:
     assert config.hooks.pre_install is None
     assert config.hooks.timeout_s == 120.0
     assert config.storage.max_journal_bytes == 1048576
-    assert config.download.max_ranges_per_request == 16
+    assert config.download.max_ranges_per_request == 64
 
 
 def test_minimal_takes_defaults_and_resolves_relative_paths(tmp_path: Path) -> None:
@@ -80,7 +80,7 @@ def test_minimal_takes_defaults_and_resolves_relative_paths(tmp_path: Path) -> N
     assert config.data is None
     assert config.storage.state_dir == Path("/var/lib/skylift")
     assert config.hub.poll_jitter_s == 30.0
-    assert config.download.max_gap_bytes == 65536
+    assert config.download.max_gap_bytes == 4096
     assert config.source == str(tmp_path / "agent.toml")
 
 

@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from skylift.agent.pkcs11 import parse_uri
+from skylift.agent.plan import DEFAULT_MAX_GAP_BYTES, DEFAULT_MAX_RANGES_PER_REQUEST
 from skylift.errors import UserInputError
 
 __all__ = [
@@ -420,8 +421,10 @@ class _Parser:
 
     def download(self, t: _Table) -> DownloadConfig:
         download = DownloadConfig(
-            max_gap_bytes=t.integer("max_gap_bytes", 64 * _KIB, low=0, high=64 * _MIB),
-            max_ranges_per_request=t.integer("max_ranges_per_request", 16, low=1, high=256),
+            max_gap_bytes=t.integer("max_gap_bytes", DEFAULT_MAX_GAP_BYTES, low=0, high=64 * _MIB),
+            max_ranges_per_request=t.integer(
+                "max_ranges_per_request", DEFAULT_MAX_RANGES_PER_REQUEST, low=1, high=256
+            ),
             max_range_bytes=t.integer("max_range_bytes", 4 * _MIB, low=_MIB, high=256 * _MIB),
         )
         t.done()

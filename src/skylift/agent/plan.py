@@ -47,8 +47,12 @@ __all__ = [
 ]
 
 #: Gaps smaller than this between two wanted ranges are fetched rather than split.
-DEFAULT_MAX_GAP_BYTES = 64 * 1024
-DEFAULT_MAX_RANGES_PER_REQUEST = 16
+#: A separate range costs about 100 bytes of multipart headers, so only small gaps
+#: are worth downloading; with 64 KiB, the demo's update fetched 1.69 MiB for
+#: 1.03 MiB of chunks, with 4 KiB 1.03 MiB, in one request either way.
+DEFAULT_MAX_GAP_BYTES = 4 * 1024
+#: Ranges in one request (the hub accepts 512).
+DEFAULT_MAX_RANGES_PER_REQUEST = 64
 #: One range is held in memory by the executor: keep it bounded (a single
 #: chunk object may still exceed it: it is then a range of its own).
 DEFAULT_MAX_RANGE_BYTES = 4 * 1024 * 1024
