@@ -10,8 +10,10 @@ STAMP := $(VENV)/.installed
 # postgresql provides initdb/pg_ctl for the throwaway server the hub tests start;
 # libubootenv-tool (fw_printenv/fw_setenv) and grub-common (grub-editenv) check
 # the agent's bootloader environments byte for byte; softhsm2, libengine-pkcs11-openssl
-# and opensc (pkcs11-tool) give the agent's PKCS#11 tests a real token.
-TEST_DEBS ?= e2fsprogs postgresql libubootenv-tool grub-common softhsm2 libengine-pkcs11-openssl opensc
+# and opensc (pkcs11-tool) give the agent's PKCS#11 tests a real token; chromium
+# (/usr/bin/chromium) is the browser Playwright drives in the dashboard's tests.
+TEST_DEBS ?= e2fsprogs postgresql libubootenv-tool grub-common softhsm2 \
+	libengine-pkcs11-openssl opensc chromium
 BENCH_DEBS ?= zstd e2fsprogs
 DEMO_DEBS ?= e2fsprogs
 
@@ -19,7 +21,7 @@ DEMO_DEBS ?= e2fsprogs
 JS_INTEROP := tests/hub/interop/js
 JS_STAMP := $(JS_INTEROP)/node_modules/.installed
 
-.PHONY: all demo test check lint typecheck imports unit bench bench-poll bench-agent setup clean
+.PHONY: all demo test check lint typecheck imports unit bench bench-poll bench-agent bench-dashboard setup clean
 
 all: test
 
@@ -75,6 +77,11 @@ bench-poll: setup
 bench-agent: setup
 	scripts/ensure-debs $(BENCH_DEBS)
 	$(BIN)/python bench/agent_install.py $(BENCH_ARGS)
+
+# Every dashboard page's server time at 100k devices and 1M events, against a bare
+# SELECT and a trivial page in the same run. BENCH_ARGS=--quick for 10k / 100k.
+bench-dashboard: setup
+	$(BIN)/python bench/dashboard.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(JS_INTEROP)/node_modules .mypy_cache .pytest_cache .ruff_cache build src/*.egg-info

@@ -11,12 +11,15 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from skylift.cli.common import err, out
 from skylift.errors import UserInputError
+
+if TYPE_CHECKING:
+    from skylift.hub.web import HubContext
 
 app = typer.Typer(no_args_is_help=True, help="Create and run a hub.")
 
@@ -102,3 +105,94 @@ def serve(
     config = load_config(directory).with_overrides(database_url=database, storage_url=storage)
     upgrade(config.database_url)  # idempotent: a new version migrates on start
     run_hub(open_hub(config))
+
+
+# -- dashboard users ------------------------------------------------------------------------------
+
+user_app = typer.Typer(
+    no_args_is_help=True,
+    help="Dashboard users of a hub (run on the hub's machine, against its database).",
+)
+app.add_typer(user_app, name="user")
+
+_USER_PASSWORD_ENV = "SKYLIFT_USER_PASSWORD"  # noqa: S105 - the variable's name, not a secret
+_HubDir = Annotated[Path, typer.Argument(help="The hub directory.")]
+_Email = Annotated[str, typer.Argument(help="The user's email.")]
+_Org = Annotated[
+    str | None, typer.Option("--org", help="Organisation (needed when the hub has several).")
+]
+
+
+def _new_password() -> str:
+    """From $SKYLIFT_USER_PASSWORD, else asked twice on the terminal; never an argument."""
+    env = os.environ.get(_USER_PASSWORD_ENV)
+    if env:
+        return env
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        raise UserInputError("no password", hint=f"set {_USER_PASSWORD_ENV}, or run in a terminal")
+    first = getpass.getpass("New dashboard password: ")
+    if getpass.getpass("Same password again: ") != first:
+        raise UserInputError("the passwords differ")
+    return first
+
+
+def _hub_context(directory: Path) -> HubContext:
+    from skylift.hub.config import load_config
+    from skylift.hub.db.engine import upgrade
+    from skylift.hub.setup import open_hub
+
+    config = load_config(directory)
+    upgrade(config.database_url)  # a hub made by an older version gets the sessions table
+    return open_hub(config)
+
+
+@user_app.command("add")
+def user_add(
+    directory: _HubDir,
+    email: _Email,
+    role: Annotated[str, typer.Option(help="viewer, operator or admin.")] = "viewer",
+    organisation: _Org = None,
+) -> None:
+    """Create a dashboard user; the password comes from $SKYLIFT_USER_PASSWORD or a prompt."""
+    from skylift.hub.dashboard.users import add_user
+
+    password = _new_password()
+    org = add_user(_hub_context(directory), email, password, role=role, organisation=organisation)
+    err.print(f"user {email.strip().lower()} ({role}) added to {org}")
+
+
+@user_app.command("passwd")
+def user_passwd(directory: _HubDir, email: _Email, organisation: _Org = None) -> None:
+    """Set a user's password; their dashboard sessions end."""
+    from skylift.hub.dashboard.users import set_password
+
+    ended = set_password(_hub_context(directory), email, _new_password(), organisation=organisation)
+    err.print(f"password of {email.strip().lower()} changed; {ended} session(s) ended")
+
+
+@user_app.command("disable")
+def user_disable(directory: _HubDir, email: _Email, organisation: _Org = None) -> None:
+    """Stop a user from logging in; their dashboard sessions end at once."""
+    from skylift.hub.dashboard.users import set_disabled
+
+    ended = set_disabled(_hub_context(directory), email, True, organisation=organisation)
+    err.print(f"{email.strip().lower()} disabled; {ended} session(s) ended")
+
+
+@user_app.command("enable")
+def user_enable(directory: _HubDir, email: _Email, organisation: _Org = None) -> None:
+    """Let a disabled user log in again."""
+    from skylift.hub.dashboard.users import set_disabled
+
+    set_disabled(_hub_context(directory), email, False, organisation=organisation)
+    err.print(f"{email.strip().lower()} enabled")
+
+
+@user_app.command("list")
+def user_list(directory: _HubDir) -> None:
+    """Every dashboard user: organisation, email, role, disabled, open sessions."""
+    from skylift.hub.dashboard.users import list_users
+
+    for u in list_users(_hub_context(directory)):
+        state = "disabled" if u.disabled else "active"
+        typer.echo(f"{u.organisation}\t{u.email}\t{u.role}\t{state}\t{u.sessions} session(s)")

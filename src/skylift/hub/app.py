@@ -21,12 +21,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from skylift.hub import rollouts
+from skylift.hub import dashboard, rollouts
 from skylift.hub.api import core, deployments, devices, products, releases
 from skylift.hub.gateway import routes as gateway_routes
 from skylift.hub.web import HubContext, error_response
 
-__all__ = ["API_MODULES", "GATEWAY_MODULES", "make_api_app", "make_gateway_app"]
+__all__ = [
+    "API_MODULES",
+    "DASHBOARD_MODULES",
+    "GATEWAY_MODULES",
+    "make_api_app",
+    "make_gateway_app",
+]
 
 log = logging.getLogger("skylift.hub")
 
@@ -34,11 +40,18 @@ log = logging.getLogger("skylift.hub")
 API_MODULES: tuple[ModuleType, ...] = (core, products, devices, releases, deployments)
 #: Device gateway route modules, mounted under /device/v1.
 GATEWAY_MODULES: tuple[ModuleType, ...] = (gateway_routes,)
+#: Dashboard route modules, mounted at / on the management port.
+DASHBOARD_MODULES: tuple[ModuleType, ...] = (dashboard,)
 #: Modules with background loops that are not route modules (run by the API app).
 BACKGROUND_MODULES: tuple[ModuleType, ...] = (rollouts,)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
+    # People's browsers get the dashboard's page; programs get JSON, as before.
+    if not request.url.path.startswith(("/api/", "/device/")) and "text/html" in (
+        request.headers.get("accept", "")
+    ):
+        return dashboard.not_found(request)
     return error_response(404, f"no such endpoint: {request.method} {request.url.path}")
 
 
@@ -52,11 +65,21 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": "internal error; the hub log has the details"}, 500)
 
 
-def _app(ctx: HubContext, prefix: str, modules: tuple[ModuleType, ...]) -> Starlette:
+def _app(
+    ctx: HubContext,
+    prefix: str,
+    modules: tuple[ModuleType, ...],
+    root_modules: tuple[ModuleType, ...] = (),
+) -> Starlette:
     routes: list[BaseRoute] = []
+    root_routes: list[BaseRoute] = []
     loops: list[Callable[[], Coroutine[Any, Any, None]]] = []
     for m in modules:
         routes.extend(m.routes(ctx))
+        if hasattr(m, "background"):
+            loops.extend(m.background(ctx))
+    for m in root_modules:
+        root_routes.extend(m.routes(ctx))
         if hasattr(m, "background"):
             loops.extend(m.background(ctx))
     for m in BACKGROUND_MODULES if prefix == "/api/v1" else ():
@@ -75,15 +98,15 @@ def _app(ctx: HubContext, prefix: str, modules: tuple[ModuleType, ...]) -> Starl
                     await t
 
     return Starlette(
-        routes=[Mount(prefix, routes=routes)],
+        routes=[Mount(prefix, routes=routes), *root_routes],
         exception_handlers={404: _not_found, 405: _method_not_allowed, 500: _server_error},
         lifespan=lifespan,
     )
 
 
 def make_api_app(ctx: HubContext) -> Starlette:
-    """The management API (and, later, the dashboard)."""
-    return _app(ctx, "/api/v1", API_MODULES)
+    """The management API at /api/v1 and the web dashboard at /."""
+    return _app(ctx, "/api/v1", API_MODULES, DASHBOARD_MODULES)
 
 
 class _Gateway:

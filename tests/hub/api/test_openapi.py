@@ -49,8 +49,11 @@ def _documented() -> dict[tuple[str, str], dict[str, Any]]:
 def _served(hub: Hub) -> set[tuple[str, str]]:
     app = make_api_app(hub.ctx)
     served = set()
-    for mount in app.routes:
-        assert isinstance(mount, Mount) and mount.path == "/api/v1"
+    mounts = [r for r in app.routes if isinstance(r, Mount)]
+    # The rest is the dashboard's pages at /, for browsers, outside the API.
+    assert [m.path for m in mounts] == ["/api/v1"]
+    assert not any(r.path.startswith("/api") for r in app.routes if isinstance(r, Route))
+    for mount in mounts:
         for route in mount.routes:
             assert isinstance(route, Route)
             for method in route.methods or ():

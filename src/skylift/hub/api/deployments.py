@@ -36,6 +36,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, func, insert, select
@@ -74,7 +75,18 @@ from skylift.hub.db.models import (
 from skylift.hub.rollouts import PhaseCounts, PhasePlan
 from skylift.hub.web import Conflict, HubContext, NotFound, Principal
 
-__all__ = ["MAX_PHASES", "MAX_SELECTED_IDS", "DeploymentSpec", "parse_spec", "routes"]
+__all__ = [
+    "MAX_PHASES",
+    "MAX_SELECTED_IDS",
+    "DeploymentSpec",
+    "Selector",
+    "create_deployment",
+    "deployment_status",
+    "find_deployment",
+    "parse_spec",
+    "routes",
+    "selection_filters",
+]
 
 MAX_PHASES = 10
 #: Explicit device ids in one selector; larger fleets are selected by tag or hardware.
@@ -240,7 +252,7 @@ class _Selection:
     current: int  # already run the release
 
 
-def _filters(who: Principal, product: Product, sel: Selector) -> list[ColumnElement[bool]]:
+def selection_filters(who: Principal, product: Product, sel: Selector) -> list[ColumnElement[bool]]:
     """The selector as WHERE clauses on devices (index probes, as in the device list)."""
     where = [device_visible(who.org_id), Device.product_id == product.id]
     for tag in sel.tags:
@@ -274,7 +286,7 @@ def _select(
         Conflict: a device would be downgraded, or is in another live deployment.
     """
     sel = spec.selector
-    where = _filters(who, product, sel)
+    where = selection_filters(who, product, sel)
     # FOR UPDATE on PostgreSQL: a concurrent creation that selects the same
     # devices waits here, then sees this one's rows in its busy check below.
     rows = session.execute(
@@ -348,7 +360,7 @@ def _select(
 # -- answers --------------------------------------------------------------------------------------
 
 
-def _status_json(session: Session, deployment: Deployment) -> dict[str, Any]:
+def deployment_status(session: Session, deployment: Deployment) -> dict[str, Any]:
     counts = rollouts.phase_counts(session, deployment.id)
     release = session.get(Release, deployment.release_id)
     product = session.get(Product, deployment.product_id)
@@ -389,7 +401,9 @@ def _status_json(session: Session, deployment: Deployment) -> dict[str, Any]:
     }
 
 
-def _find(session: Session, who: Principal, deployment_id: int, *, lock: bool) -> Deployment:
+def find_deployment(
+    session: Session, who: Principal, deployment_id: int, *, lock: bool
+) -> Deployment:
     """The caller's deployment, locked for a change if ``lock``.
 
     Raises:
@@ -404,6 +418,102 @@ def _find(session: Session, who: Principal, deployment_id: int, *, lock: bool) -
     return deployment
 
 
+def create_deployment(
+    ctx: HubContext, session: Session, who: Principal, spec: DeploymentSpec, *, now: datetime
+) -> tuple[dict[str, Any], list[str]]:
+    """Create the deployment ``spec`` describes, in the caller's transaction.
+
+    What ``POST /deployments`` and the dashboard's form both do: resolve the
+    product and release, select and lock the devices, freeze them into
+    phases, audit, start phase 0. Returns the deployment's status (as the
+    API shows it) and the device ids whose director targets changed; call
+    :func:`skylift.hub.rollouts.notify` with them after the commit.
+
+    Raises:
+        UserInputError: unknown product or release, or an unknown device named.
+        Conflict: nothing to update, a downgrade, or a device in another live deployment.
+    """
+    product = session.scalars(
+        select(Product).where(Product.org_id == who.org_id, Product.name == spec.product)
+    ).one_or_none()
+    if product is None:
+        # 400, not 404: the path exists; the body names something unknown.
+        raise UserInputError(f"no product {spec.product}")
+    release = session.scalars(
+        select(Release).where(Release.product_id == product.id, Release.version == spec.version)
+    ).one_or_none()
+    if release is None:
+        raise UserInputError(
+            f"product {product.name} has no release {spec.version}",
+            hint="GET /products/{name}/releases lists them",
+        )
+    selection = _select(session, who, product, release, spec)
+    if not selection.devices:
+        raise Conflict(
+            f"the selection has no device to update ({selection.current} run "
+            f"{release.version} already, {selection.revoked} revoked)"
+        )
+    deployment = Deployment(
+        org_id=who.org_id,
+        product_id=product.id,
+        release_id=release.id,
+        name=spec.name,
+        selector=spec.selector.as_json(),
+        status=DeploymentStatus.ACTIVE,
+        failure_gate_percent=spec.failure_gate_percent,
+        min_soak_s=spec.min_soak_s,
+        allow_downgrade=spec.allow_downgrade,
+        current_phase=0,
+        created_by=who.actor,
+        phases=[
+            DeploymentPhase(phase=i, percent=p.percent, tag=p.tag)
+            for i, p in enumerate(spec.phases)
+        ],
+    )
+    session.add(deployment)
+    session.flush()
+    members = rollouts.plan_phases(deployment.id, selection.devices, selection.tags, spec.phases)
+    if members:
+        session.execute(
+            insert(DeploymentDevice),
+            [
+                {
+                    "deployment_id": deployment.id,
+                    "device_id": pk,
+                    "phase": phase,
+                    "status": RolloutStatus.PENDING,
+                }
+                for pk, phase in sorted(members.items())
+            ],
+        )
+    web.audit(
+        session,
+        who,
+        "deployment.create",
+        "deployment",
+        deployment.id,
+        {
+            "name": spec.name,
+            "product": product.name,
+            "version": release.version,
+            "selector": spec.selector.as_json(),
+            "phases": [
+                {"percent": p.percent} if p.tag is None else {"tag": p.tag} for p in spec.phases
+            ],
+            "failure_gate_percent": spec.failure_gate_percent,
+            "min_soak_s": spec.min_soak_s,
+            "allow_downgrade": spec.allow_downgrade,
+            "devices": len(members),
+            "skipped": {"current": selection.current, "revoked": selection.revoked},
+        },
+    )
+    # Last: the director is not transactional, so everything that
+    # can refuse the deployment has refused it by now.
+    target = rollouts.release_target(ctx, session, deployment)
+    changed = rollouts.start_phase(ctx, session, deployment, 0, now, target)
+    return deployment_status(session, deployment), changed
+
+
 def routes(ctx: HubContext) -> list[BaseRoute]:
     """Deployments: create, list, show, pause, resume, abort."""
 
@@ -412,94 +522,8 @@ def routes(ctx: HubContext) -> list[BaseRoute]:
         spec = parse_spec(await web.read_json(request))
 
         def work() -> tuple[dict[str, Any], list[str]]:
-            now = ctx.clock()
             with ctx.transaction() as session:
-                product = session.scalars(
-                    select(Product).where(
-                        Product.org_id == who.org_id, Product.name == spec.product
-                    )
-                ).one_or_none()
-                if product is None:
-                    # 400, not 404: the path exists; the body names something unknown.
-                    raise UserInputError(f"no product {spec.product}")
-                release = session.scalars(
-                    select(Release).where(
-                        Release.product_id == product.id, Release.version == spec.version
-                    )
-                ).one_or_none()
-                if release is None:
-                    raise UserInputError(
-                        f"product {product.name} has no release {spec.version}",
-                        hint="GET /products/{name}/releases lists them",
-                    )
-                selection = _select(session, who, product, release, spec)
-                if not selection.devices:
-                    raise Conflict(
-                        f"the selection has no device to update ({selection.current} run "
-                        f"{release.version} already, {selection.revoked} revoked)"
-                    )
-                deployment = Deployment(
-                    org_id=who.org_id,
-                    product_id=product.id,
-                    release_id=release.id,
-                    name=spec.name,
-                    selector=spec.selector.as_json(),
-                    status=DeploymentStatus.ACTIVE,
-                    failure_gate_percent=spec.failure_gate_percent,
-                    min_soak_s=spec.min_soak_s,
-                    allow_downgrade=spec.allow_downgrade,
-                    current_phase=0,
-                    created_by=who.actor,
-                    phases=[
-                        DeploymentPhase(phase=i, percent=p.percent, tag=p.tag)
-                        for i, p in enumerate(spec.phases)
-                    ],
-                )
-                session.add(deployment)
-                session.flush()
-                members = rollouts.plan_phases(
-                    deployment.id, selection.devices, selection.tags, spec.phases
-                )
-                if members:
-                    session.execute(
-                        insert(DeploymentDevice),
-                        [
-                            {
-                                "deployment_id": deployment.id,
-                                "device_id": pk,
-                                "phase": phase,
-                                "status": RolloutStatus.PENDING,
-                            }
-                            for pk, phase in sorted(members.items())
-                        ],
-                    )
-                web.audit(
-                    session,
-                    who,
-                    "deployment.create",
-                    "deployment",
-                    deployment.id,
-                    {
-                        "name": spec.name,
-                        "product": product.name,
-                        "version": release.version,
-                        "selector": spec.selector.as_json(),
-                        "phases": [
-                            {"percent": p.percent} if p.tag is None else {"tag": p.tag}
-                            for p in spec.phases
-                        ],
-                        "failure_gate_percent": spec.failure_gate_percent,
-                        "min_soak_s": spec.min_soak_s,
-                        "allow_downgrade": spec.allow_downgrade,
-                        "devices": len(members),
-                        "skipped": {"current": selection.current, "revoked": selection.revoked},
-                    },
-                )
-                # Last: the director is not transactional, so everything that
-                # can refuse the deployment has refused it by now.
-                target = rollouts.release_target(ctx, session, deployment)
-                changed = rollouts.start_phase(ctx, session, deployment, 0, now, target)
-                return _status_json(session, deployment), changed
+                return create_deployment(ctx, session, who, spec, now=ctx.clock())
 
         status, changed = await web.run(work)
         rollouts.notify(changed)
@@ -554,8 +578,8 @@ def routes(ctx: HubContext) -> list[BaseRoute]:
 
         def work() -> dict[str, Any]:
             with ctx.transaction() as session:
-                deployment = _find(session, who, request.path_params["id"], lock=False)
-                return _status_json(session, deployment)
+                deployment = find_deployment(session, who, request.path_params["id"], lock=False)
+                return deployment_status(session, deployment)
 
         return JSONResponse(await web.run(work))
 
@@ -572,12 +596,12 @@ def routes(ctx: HubContext) -> list[BaseRoute]:
 
             def work() -> tuple[dict[str, Any], list[str]]:
                 with ctx.transaction() as session:
-                    deployment = _find(session, who, request.path_params["id"], lock=True)
+                    deployment = find_deployment(session, who, request.path_params["id"], lock=True)
                     changed: list[str] = []
                     # Asking again changes nothing (a pause's first reason stands).
                     if deployment.status != settled:
                         changed = change(session, deployment, who, body)
-                    return _status_json(session, deployment), changed
+                    return deployment_status(session, deployment), changed
 
             status, changed = await web.run(work)
             rollouts.notify(changed)

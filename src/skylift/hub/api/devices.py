@@ -16,6 +16,7 @@ on the device's surrogate id, never ``OFFSET``.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select
@@ -55,9 +56,17 @@ from skylift.hub.db.models import (
     DeviceTag,
     Product,
 )
-from skylift.hub.web import HubContext
+from skylift.hub.web import HubContext, Principal
 
-__all__ = ["MAX_TAGS", "device_json", "routes"]
+__all__ = [
+    "MAX_TAGS",
+    "device_deployments",
+    "device_json",
+    "event_json",
+    "revoke",
+    "routes",
+    "set_tags",
+]
 
 #: Tags per device: enough for site, ring, customer and a few more.
 MAX_TAGS = 64
@@ -97,7 +106,7 @@ def device_json(device: Device) -> dict[str, Any]:
     }
 
 
-def _deployments(session: Session, device: Device) -> list[dict[str, Any]]:
+def device_deployments(session: Session, device: Device) -> list[dict[str, Any]]:
     rows = session.execute(
         select(
             Deployment.id,
@@ -125,7 +134,7 @@ def _deployments(session: Session, device: Device) -> list[dict[str, Any]]:
     ]
 
 
-def _event_json(event: DeviceEvent) -> dict[str, Any]:
+def event_json(event: DeviceEvent) -> dict[str, Any]:
     return {
         "id": event.id,
         "report_id": event.report_id,
@@ -138,6 +147,44 @@ def _event_json(event: DeviceEvent) -> dict[str, Any]:
         "created": rfc3339(event.created),
         "device_time": rfc3339(event.device_time),
     }
+
+
+def set_tags(session: Session, who: Principal, device: Device, tags: list[str]) -> None:
+    """Make ``tags`` the device's tags (validated by the caller), audited if they change."""
+    before = {t.tag for t in device.tags}
+    wanted = set(tags)
+    for t in list(device.tags):
+        if t.tag not in wanted:
+            device.tags.remove(t)  # delete-orphan: the row goes
+    for tag in sorted(wanted - before):
+        device.tags.append(DeviceTag(tag=tag))
+    if wanted != before:
+        web.audit(
+            session,
+            who,
+            "device.tags",
+            "device",
+            device.device_id,
+            {
+                "tags": sorted(wanted),
+                "added": sorted(wanted - before),
+                "removed": sorted(before - wanted),
+            },
+        )
+    session.flush()
+
+
+def revoke(session: Session, who: Principal, device: Device, reason: str, *, now: datetime) -> None:
+    """Revoke ``device`` for ``reason``, audited; revoking twice changes nothing.
+
+    The caller tells the gateway after the commit (``gateway.invalidate``).
+    """
+    # The first time and reason stand.
+    if not device.revoked:
+        device.revoked = True
+        device.revoked_at = now
+        device.revoke_reason = reason
+        web.audit(session, who, "device.revoke", "device", device.device_id, {"reason": reason})
 
 
 def routes(ctx: HubContext) -> list[BaseRoute]:
@@ -211,7 +258,7 @@ def routes(ctx: HubContext) -> list[BaseRoute]:
         def work() -> dict[str, Any]:
             with ctx.transaction() as session:
                 device = find_device(session, who, request.path_params["device_id"])
-                return {**device_json(device), "deployments": _deployments(session, device)}
+                return {**device_json(device), "deployments": device_deployments(session, device)}
 
         return JSONResponse(await web.run(work))
 
@@ -224,27 +271,7 @@ def routes(ctx: HubContext) -> list[BaseRoute]:
         def work() -> dict[str, Any]:
             with ctx.transaction() as session:
                 device = find_device(session, who, request.path_params["device_id"])
-                before = {t.tag for t in device.tags}
-                wanted = set(tags)
-                for t in list(device.tags):
-                    if t.tag not in wanted:
-                        device.tags.remove(t)  # delete-orphan: the row goes
-                for tag in sorted(wanted - before):
-                    device.tags.append(DeviceTag(tag=tag))
-                if wanted != before:
-                    web.audit(
-                        session,
-                        who,
-                        "device.tags",
-                        "device",
-                        device.device_id,
-                        {
-                            "tags": sorted(wanted),
-                            "added": sorted(wanted - before),
-                            "removed": sorted(before - wanted),
-                        },
-                    )
-                session.flush()
+                set_tags(session, who, device, tags)
                 session.refresh(device, ["tags"])
                 return device_json(device)
 
@@ -261,19 +288,7 @@ def routes(ctx: HubContext) -> list[BaseRoute]:
         def work() -> dict[str, Any]:
             with ctx.transaction() as session:
                 device = find_device(session, who, request.path_params["device_id"])
-                # Revoking twice changes nothing: the first time and reason stand.
-                if not device.revoked:
-                    device.revoked = True
-                    device.revoked_at = ctx.clock()
-                    device.revoke_reason = reason
-                    web.audit(
-                        session,
-                        who,
-                        "device.revoke",
-                        "device",
-                        device.device_id,
-                        {"reason": reason},
-                    )
+                revoke(session, who, device, reason, now=ctx.clock())
                 return device_json(device)
 
         answer = await web.run(work)
@@ -337,7 +352,7 @@ def routes(ctx: HubContext) -> list[BaseRoute]:
                 stmt = stmt.order_by(DeviceEvent.created.desc(), DeviceEvent.id.desc())
                 rows = list(session.scalars(stmt.limit(limit + 1)))
             page, cursor = next_cursor(rows, limit, "events", lambda e: (time_key(e.created), e.id))
-            return [_event_json(e) for e in page], cursor
+            return [event_json(e) for e in page], cursor
 
         items, cursor = await web.run(work)
         return JSONResponse({"items": items, "next_cursor": cursor})

@@ -44,10 +44,17 @@ from skylift.hub.api.common import (
 )
 from skylift.hub.auth import Role, issue_secret
 from skylift.hub.db.models import Product, ProvisioningKey, ReleaseKey, SignerCA
-from skylift.hub.web import Conflict, HubContext, NotFound
+from skylift.hub.web import Conflict, HubContext, NotFound, Principal
 from skylift.trust.repository import MAX_METADATA_BYTES, role_keys
 
-__all__ = ["product_json", "routes"]
+__all__ = [
+    "key_json",
+    "product_json",
+    "revoke_provisioning_key",
+    "revoke_signer_ca",
+    "routes",
+    "signer_ca_json",
+]
 
 #: A CA certificate in PEM: a few KiB; a chain or a bundle is refused by ca_info anyway.
 _MAX_PEM_CHARS = 64 * 1024
@@ -101,7 +108,7 @@ def _release_keys(ctx: HubContext, root: bytes) -> tuple[list[Key], int]:
     return role_keys(root, "targets")
 
 
-def _signer_ca_json(row: SignerCA, product: str | None) -> dict[str, Any]:
+def signer_ca_json(row: SignerCA, product: str | None) -> dict[str, Any]:
     info = ca.ca_info(row.cert_pem.encode())
     return {
         "id": row.id,
@@ -115,7 +122,7 @@ def _signer_ca_json(row: SignerCA, product: str | None) -> dict[str, Any]:
     }
 
 
-def _key_json(key: ProvisioningKey, product: str) -> dict[str, Any]:
+def key_json(key: ProvisioningKey, product: str) -> dict[str, Any]:
     return {
         "id": key.id,
         "name": key.name,
@@ -133,6 +140,53 @@ def _products_by_id(session: Session, org_id: int) -> dict[int, str]:
     # .all(): a Result has keys(), so dict() would take it for a mapping.
     return dict(
         session.execute(select(Product.id, Product.name).where(Product.org_id == org_id)).all()
+    )
+
+
+def revoke_provisioning_key(session: Session, who: Principal, key_id: int) -> None:
+    """Revoke the caller's provisioning key ``key_id``, audited; again changes nothing.
+
+    Raises:
+        NotFound: no such key in the caller's organisation.
+    """
+    key = session.scalars(
+        select(ProvisioningKey).where(
+            ProvisioningKey.org_id == who.org_id, ProvisioningKey.id == key_id
+        )
+    ).one_or_none()
+    if key is None:
+        raise NotFound(f"no provisioning key {key_id}")
+    if key.revoked:
+        return  # nothing changes, nothing to record
+    key.revoked = True
+    web.audit(
+        session, who, "provisioning_key.revoke", "provisioning_key", key.id, {"name": key.name}
+    )
+
+
+def revoke_signer_ca(session: Session, who: Principal, ca_id: int) -> None:
+    """Revoke the caller's signer CA ``ca_id``, audited; again changes nothing.
+
+    Raises:
+        NotFound: no such CA in the caller's organisation.
+    """
+    row = session.scalars(
+        select(SignerCA).where(SignerCA.org_id == who.org_id, SignerCA.id == ca_id)
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"no signer CA {ca_id}")
+    if row.revoked:
+        return
+    # Revoked, not deleted: the fingerprint stays taken, so the same
+    # CA cannot quietly come back under another organisation.
+    row.revoked = True
+    web.audit(
+        session,
+        who,
+        "signer_ca.revoke",
+        "signer_ca",
+        row.id,
+        {"name": row.name, "fingerprint": row.fingerprint},
     )
 
 
@@ -268,7 +322,7 @@ def routes(ctx: HubContext) -> list[BaseRoute]:
                         "expires": rfc3339(expires),
                     },
                 )
-                return {**_key_json(key, product.name), "key": secret.value}
+                return {**key_json(key, product.name), "key": secret.value}
 
         return JSONResponse(await web.run(work), 201)
 
@@ -287,35 +341,18 @@ def routes(ctx: HubContext) -> list[BaseRoute]:
                     )
                     .order_by(ProvisioningKey.id)
                 )
-                return [_key_json(k, product.name) for k in keys]
+                return [key_json(k, product.name) for k in keys]
 
         return JSONResponse({"items": await web.run(work)})
 
-    async def revoke_provisioning_key(request: Request) -> Response:
+    async def revoke_key_endpoint(request: Request) -> Response:
         who = await authorize(ctx, request, Role.ADMIN, "revoking a provisioning key")
         Query(request, allowed=())
         key_id = path_id(request, "key_id", "provisioning key")
 
         def work() -> None:
             with ctx.transaction() as session:
-                key = session.scalars(
-                    select(ProvisioningKey).where(
-                        ProvisioningKey.org_id == who.org_id, ProvisioningKey.id == key_id
-                    )
-                ).one_or_none()
-                if key is None:
-                    raise NotFound(f"no provisioning key {key_id}")
-                if key.revoked:
-                    return  # nothing changes, nothing to record
-                key.revoked = True
-                web.audit(
-                    session,
-                    who,
-                    "provisioning_key.revoke",
-                    "provisioning_key",
-                    key.id,
-                    {"name": key.name},
-                )
+                revoke_provisioning_key(session, who, key_id)
 
         await web.run(work)
         return Response(status_code=204)
@@ -362,7 +399,7 @@ def routes(ctx: HubContext) -> list[BaseRoute]:
                         "subject": info["subject"],
                     },
                 )
-                return _signer_ca_json(row, product_name)
+                return signer_ca_json(row, product_name)
 
         return JSONResponse(await web.run(work), 201)
 
@@ -377,37 +414,20 @@ def routes(ctx: HubContext) -> list[BaseRoute]:
                     select(SignerCA).where(SignerCA.org_id == who.org_id).order_by(SignerCA.id)
                 )
                 return [
-                    _signer_ca_json(r, names.get(r.product_id) if r.product_id else None)
+                    signer_ca_json(r, names.get(r.product_id) if r.product_id else None)
                     for r in rows
                 ]
 
         return JSONResponse({"items": await web.run(work)})
 
-    async def revoke_signer_ca(request: Request) -> Response:
+    async def revoke_ca_endpoint(request: Request) -> Response:
         who = await authorize(ctx, request, Role.ADMIN, "removing a signer CA")
         Query(request, allowed=())
         ca_id = path_id(request, "ca_id", "signer CA")
 
         def work() -> None:
             with ctx.transaction() as session:
-                row = session.scalars(
-                    select(SignerCA).where(SignerCA.org_id == who.org_id, SignerCA.id == ca_id)
-                ).one_or_none()
-                if row is None:
-                    raise NotFound(f"no signer CA {ca_id}")
-                if row.revoked:
-                    return
-                # Revoked, not deleted: the fingerprint stays taken, so the same
-                # CA cannot quietly come back under another organisation.
-                row.revoked = True
-                web.audit(
-                    session,
-                    who,
-                    "signer_ca.revoke",
-                    "signer_ca",
-                    row.id,
-                    {"name": row.name, "fingerprint": row.fingerprint},
-                )
+                revoke_signer_ca(session, who, ca_id)
 
         await web.run(work)
         return Response(status_code=204)
@@ -419,8 +439,8 @@ def routes(ctx: HubContext) -> list[BaseRoute]:
         route("/products/{name}/image/{file:path}", image_file, "GET"),
         route("/products/{name}/provisioning-keys", create_provisioning_key, "POST"),
         route("/products/{name}/provisioning-keys", list_provisioning_keys, "GET"),
-        route("/provisioning-keys/{key_id:int}", revoke_provisioning_key, "DELETE"),
+        route("/provisioning-keys/{key_id:int}", revoke_key_endpoint, "DELETE"),
         route("/signer-cas", create_signer_ca, "POST"),
         route("/signer-cas", list_signer_cas, "GET"),
-        route("/signer-cas/{ca_id:int}", revoke_signer_ca, "DELETE"),
+        route("/signer-cas/{ca_id:int}", revoke_ca_endpoint, "DELETE"),
     ]

@@ -26,7 +26,7 @@ No ``__repr__`` shows a secret, a hash of one or key material.
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
@@ -76,6 +76,8 @@ __all__ = [
     "SignerCA",
     "UTCDateTime",
     "User",
+    "VersionCount",
+    "WebSession",
     "utcnow",
 ]
 
@@ -253,9 +255,9 @@ class Organisation(Base):
 class User(Base):
     """A person who logs into the dashboard.
 
-    ``password_hash`` is a self-describing PHC-style string that carries its
-    parameters, e.g. ``$scrypt$ln=15,r=8,p=1$<salt b64>$<hash b64>`` from
-    :func:`hashlib.scrypt`, so the cost can be raised without a migration.
+    ``password_hash`` carries its own parameters, ``scrypt$N$r$p$<salt hex>$<hash hex>``
+    from :func:`skylift.hub.auth.hash_password`, so the cost can be raised without
+    a migration.
     ``email`` is stored as the application normalised it (lower case).
     """
 
@@ -274,6 +276,39 @@ class User(Base):
     role: Mapped[Role] = mapped_column(_enum(Role, "role"))
     created: Mapped[datetime] = mapped_column(default=utcnow)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class WebSession(Base):
+    """A person logged into the dashboard: one row per browser session.
+
+    A database row rather than a signed cookie, because a session must end
+    *now* everywhere when its user logs out, is disabled or is deleted (the
+    foreign key cascades), and hub processes share no memory. The cookie
+    holds a random secret; the row holds only its SHA-256, as for API tokens,
+    so a copy of the database logs nobody in. ``csrf_token`` is the
+    synchronizer token every dashboard form of this session must carry.
+    ``last_seen`` is written at most once a minute; ``expires`` is the idle
+    deadline, pushed forward on use up to ``created`` plus the absolute limit.
+    """
+
+    __tablename__ = "web_sessions"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["org_id", "user_id"], ["users.org_id", "users.id"], ondelete="CASCADE"
+        ),
+        Index(None, "org_id", "user_id"),
+        # The sweep of expired sessions.
+        Index(None, "expires"),
+    )
+    _repr_fields = ("org_id", "user_id", "created", "expires")
+
+    token_hash: Mapped[str] = mapped_column(String(_SHA256_HEX), primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id"))
+    user_id: Mapped[int] = mapped_column()
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+    expires: Mapped[datetime] = mapped_column()
 
 
 class ApiToken(Base):
@@ -509,7 +544,11 @@ class DeviceSlot(Base):
     """
 
     __tablename__ = "device_slots"
-    __table_args__ = (Index(None, "slot_class", "version", "device_id"),)
+    __table_args__ = (
+        Index(None, "slot_class", "version", "device_id"),
+        # "Devices running 1.2.0" in any slot class (the dashboard's filter).
+        Index(None, "version", "device_id"),
+    )
     _repr_fields = ("device_id", "slot_class", "version")
 
     device_id: Mapped[int] = mapped_column(
@@ -739,7 +778,13 @@ class AuditEntry(Base):
     """
 
     __tablename__ = "audit_log"
-    __table_args__ = (Index(None, "org_id", "created"),)
+    __table_args__ = (
+        Index(None, "org_id", "created"),
+        # The dashboard's filters (newest first within an action) and a
+        # target's history (a deployment page, the rollout engine's resumes).
+        Index(None, "org_id", "action", "created"),
+        Index(None, "org_id", "target_type", "target_id"),
+    )
     _repr_fields = ("id", "org_id", "actor", "action", "target_type", "target_id", "created")
 
     id: Mapped[int] = mapped_column(_BigId, primary_key=True)
@@ -750,3 +795,22 @@ class AuditEntry(Base):
     target_id: Mapped[str | None] = mapped_column(String(_ID))
     details: Mapped[dict[str, Any] | None] = mapped_column(_json())
     created: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class VersionCount(Base):
+    """How many devices ran each version on one day: the history behind the adoption chart.
+
+    Today's row is rewritten by the dashboard's background loop (a grouped
+    count over ``device_slots``, a few times an hour); earlier days are kept
+    as they were last written. Reading the chart is then a range scan of a
+    few hundred rows instead of a scan of a million device events.
+    """
+
+    __tablename__ = "version_counts"
+    _repr_fields = ("org_id", "day", "slot_class", "version", "devices")
+
+    org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id"), primary_key=True)
+    day: Mapped[date] = mapped_column(sa.Date, primary_key=True)
+    slot_class: Mapped[str] = mapped_column(String(_SHORT), primary_key=True)
+    version: Mapped[str] = mapped_column(String(_VERSION), primary_key=True)
+    devices: Mapped[int] = mapped_column(Integer)
