@@ -11,7 +11,13 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
-from skylift.hub.db.models import Device, DeviceEvent, DeviceState, VersionCount
+from skylift.hub.db.models import (
+    DeploymentDevice,
+    Device,
+    DeviceEvent,
+    DeviceState,
+    VersionCount,
+)
 
 from .conftest import Dashboard, Exploded
 
@@ -220,3 +226,32 @@ def test_pages_cost_the_same_queries_for_one_row_or_fifty(
             assert viewer.get(path).status_code == 200  # type: ignore[attr-defined]
         counts.append(len(seen))
     assert counts[0] == counts[1] <= 12, counts
+
+
+def test_deployment_and_release_pages_show_what_the_fleet_downloaded(
+    fleet: Dashboard, viewer: object
+) -> None:
+    get = viewer.get  # type: ignore[attr-defined]
+    assert "No device has reported what it downloaded yet." in get("/deployments/1").text
+    with fleet.hub.ctx.sessions.begin() as s:
+        rows = s.scalars(
+            sa.select(DeploymentDevice)
+            .where(DeploymentDevice.deployment_id == 1)
+            .order_by(DeploymentDevice.device_id)
+            .limit(2)
+        ).all()
+        assert len(rows) == 2
+        for row, down in zip(rows, (1_000_000, 3_000_000), strict=True):
+            row.downloaded_bytes, row.image_bytes = down, 16_000_000
+    try:
+        page = get("/deployments/1").text
+        assert 'data-bandwidth-devices="2"' in page
+        assert 'data-saved="28000000"' in page and "(87.5%)" in page
+        assert 'data-fleet-devices="2"' in get("/releases").text
+    finally:
+        with fleet.hub.ctx.sessions.begin() as s:
+            s.execute(
+                sa.update(DeploymentDevice)
+                .where(DeploymentDevice.deployment_id == 1)
+                .values(downloaded_bytes=None, image_bytes=None)
+            )

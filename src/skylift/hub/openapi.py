@@ -267,6 +267,17 @@ SCHEMAS: dict[str, Schema] = {
         },
         description="targets: the next N.targets.json, signed offline; at most 64 MiB",
     ),
+    "Bandwidth": _obj(
+        {
+            "devices": {"type": "integer", "minimum": 0},
+            "downloaded_bytes": {"type": "integer", "minimum": 0},
+            "image_bytes": {"type": "integer", "minimum": 0},
+            "saved_bytes": _INT,
+            "saved_percent": _null({"type": "number"}),
+        },
+        description="What the devices that reported their sizes downloaded, against the "
+        "size of the images they installed (saved: not downloaded whole, uncompressed)",
+    ),
     "Release": _obj(
         {
             "version": _STR,
@@ -276,9 +287,21 @@ SCHEMAS: dict[str, Schema] = {
             "hardware_ids": _list(_STR),
             "payload_size": {"type": "integer", "minimum": 0},
             "stored_size": {"type": "integer", "minimum": 0},
+            "bandwidth": ref("Bandwidth"),
             "created": _TIME,
             "created_by": _STR,
         },
+        required=[
+            "version",
+            "target",
+            "length",
+            "sha256",
+            "hardware_ids",
+            "payload_size",
+            "stored_size",
+            "created",
+            "created_by",
+        ],
         closed=False,
     ),
     "Selector": _obj(
@@ -344,6 +367,7 @@ SCHEMAS: dict[str, Schema] = {
             "failure_gate_percent": {"type": "number"},
             "min_soak_s": _INT,
             "phases": _list(ref("PhaseStatus")),
+            "bandwidth": ref("Bandwidth"),
             "created": _TIME,
             "created_by": _STR,
         },

@@ -7,6 +7,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from skylift.hub import bandwidth
+from skylift.hub.api.deployments import deployment_status
 from skylift.hub.db.models import (
     Deployment,
     DeploymentDevice,
@@ -203,3 +205,45 @@ def test_unreadable_bodies_store_nothing(
     )
     assert answer.status_code == status
     assert hub.snapshot() == before
+
+
+def test_installed_and_committed_reports_account_the_bytes_downloaded(hub: Hub) -> None:
+    devices = [hub.enroll() for _ in range(3)]
+    deployment = _deployment(hub, devices[0])
+    with hub.ctx.sessions.begin() as session:
+        for d in devices[1:]:
+            pk = hub.device_row(d.device_id).id
+            session.add(DeploymentDevice(deployment_id=deployment, device_id=pk, phase=0))
+
+    def send(device: Enrolled, n: int, state: str, details: dict[str, Any]) -> None:
+        doc = {"report_id": f"bw-{n}", "kind": "update", "state": state,
+               "details": {"version": VERSION, **details}}  # fmt: skip
+        answer = hub.client(device).post("/reports", json={"reports": [doc]})
+        assert answer.status_code == 200, answer.text
+
+    send(devices[0], 1, "installed", {"downloaded_bytes": 1000, "image_bytes": 8000})
+    send(devices[0], 2, "committed", {"downloaded_bytes": 1200, "image_bytes": 8000,
+                                      "slot_class": "rootfs"})  # fmt: skip
+    send(devices[1], 1, "committed", {"downloaded_bytes": 3000, "image_bytes": 8000,
+                                      "slot_class": "rootfs"})  # fmt: skip
+    # The device's word, but not in range or not integers: kept as an event, not counted.
+    send(devices[2], 1, "installed", {"downloaded_bytes": "lots", "image_bytes": 8000})
+    send(devices[2], 2, "installed", {"downloaded_bytes": -1, "image_bytes": 8000})
+    send(devices[2], 3, "installed", {"downloaded_bytes": 2**61, "image_bytes": 8000})
+    send(devices[2], 4, "downloading", {"downloaded_bytes": 5, "image_bytes": 8000})
+
+    with hub.ctx.sessions() as session:
+        totals = bandwidth.for_deployment(session, deployment)
+        release_id = session.scalar(
+            select(Deployment.release_id).where(Deployment.id == deployment)
+        )
+        assert release_id is not None
+        per_release = bandwidth.by_release(session, [release_id, 10**9])
+        status = deployment_status(session, session.get_one(Deployment, deployment))
+    expected = {"devices": 2, "downloaded_bytes": 4200, "image_bytes": 16000,
+                "saved_bytes": 11800, "saved_percent": 73.8}  # fmt: skip
+    assert totals == expected
+    assert status["bandwidth"] == expected
+    assert per_release[release_id]["downloaded_bytes"] >= 4200  # other tests' deployments too
+    assert per_release[10**9] == {"devices": 0, "downloaded_bytes": 0, "image_bytes": 0,
+                                  "saved_bytes": 0, "saved_percent": None}  # fmt: skip

@@ -46,7 +46,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
 from skylift.errors import UserInputError
-from skylift.hub import rollouts, web
+from skylift.hub import bandwidth, rollouts, web
 from skylift.hub.api.common import (
     DEVICE_ID,
     NAME,
@@ -396,6 +396,7 @@ def deployment_status(session: Session, deployment: Deployment) -> dict[str, Any
         "selector": deployment.selector,
         "devices": sum(c.devices for c in counts.values()),
         "phases": phases,
+        "bandwidth": bandwidth.for_deployment(session, deployment.id),
         "created": rfc3339(deployment.created),
         "created_by": deployment.created_by,
     }

@@ -42,7 +42,7 @@ from tuf.api.metadata import TargetFile
 
 from skylift.bundle import BundleError, Manifest, TrustedKeys, check_name, read_head
 from skylift.errors import UserInputError
-from skylift.hub import web
+from skylift.hub import bandwidth, web
 from skylift.hub.api.common import (
     Body,
     Query,
@@ -319,12 +319,15 @@ def routes(ctx: HubContext) -> list[BaseRoute]:
         def work() -> list[dict[str, Any]]:
             with ctx.transaction() as session:
                 product = find_product(session, who, request.path_params["name"])
-                rows = session.scalars(
-                    select(Release)
-                    .where(Release.product_id == product.id)
-                    .order_by(Release.id.desc())
+                rows = list(
+                    session.scalars(
+                        select(Release)
+                        .where(Release.product_id == product.id)
+                        .order_by(Release.id.desc())
+                    )
                 )
-                return [release_json(r) for r in rows]
+                totals = bandwidth.by_release(session, [r.id for r in rows])
+                return [release_json(r) | {"bandwidth": totals[r.id]} for r in rows]
 
         return JSONResponse({"items": await web.run(work)})
 

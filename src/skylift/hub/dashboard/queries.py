@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from skylift.bundle import BundleError, read_head
 from skylift.chunks import ChunkError, PageChainVerifier
 from skylift.chunks.index import PAGE_HEADER_SIZE, parse_page_header
+from skylift.hub import bandwidth
 from skylift.hub.api.common import DELETED_TAG, encode_cursor
 from skylift.hub.content import MAX_INDEX_BYTES, version_segment
 from skylift.hub.db.models import (
@@ -672,6 +673,7 @@ class ReleaseInfo:
     content: ReleaseContentInfo
     previous: str | None = None
     delta_download: int | None = None  # bytes a device on `previous` fetches
+    bandwidth: dict[str, Any] | None = None  # what the fleet reported (skylift.hub.bandwidth)
 
     @property
     def delta_saved(self) -> int | None:
@@ -793,6 +795,7 @@ def release_infos(
         )
         rows.reverse()
         contents = cache.compute(store, name, [r.version for r in rows])
+        fleet = bandwidth.by_release(session, [r.id for r in rows])
         infos = []
         for i, r in enumerate(rows):
             info, delta = contents[r.version]
@@ -811,6 +814,7 @@ def release_infos(
                     content=info,
                     previous=rows[i - 1].version if i else None,
                     delta_download=delta if i else None,
+                    bandwidth=fleet[r.id],
                 )
             )
         infos.reverse()

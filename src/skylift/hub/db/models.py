@@ -726,7 +726,7 @@ class DeploymentDevice(Base):
         Index(None, "device_id"),
         CheckConstraint("phase >= 0", name="phase"),
     )
-    _repr_fields = ("deployment_id", "device_id", "phase", "status")
+    _repr_fields = ("deployment_id", "device_id", "phase", "status", "downloaded_bytes")
 
     deployment_id: Mapped[int] = mapped_column(
         ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True
@@ -740,6 +740,10 @@ class DeploymentDevice(Base):
     )
     reason: Mapped[str | None] = mapped_column(Text)
     updated: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # From the device's installed/committed report: pack bytes it fetched (range
+    # gaps included) and the size of what it installed (fleet bandwidth accounting).
+    downloaded_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    image_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class DirectorTargets(Base):

@@ -51,6 +51,8 @@ __all__ = [
 
 MAX_REPORTS = 100
 MAX_REASON_CHARS = 2000
+#: The largest byte count a report's sizes may give (an exabyte: anything above is a lie).
+_MAX_SIZE = 2**60
 #: ``details`` serialised as compact JSON.
 MAX_DETAILS_BYTES = 16 * 1024
 
@@ -99,6 +101,23 @@ class Report:
         if isinstance(slot_class, str) and isinstance(version, str):
             return slot_class, version
         return None
+
+    @property
+    def sizes(self) -> tuple[int, int] | None:
+        """``(downloaded_bytes, image_bytes)`` an installed or committed report names, if valid.
+
+        The details are the device's word, free-form: sizes that are not
+        integers in range are left out of the accounting (the event keeps them).
+        """
+        details = self.details or {}
+        down, image = details.get("downloaded_bytes"), details.get("image_bytes")
+        if self.state not in (DeviceState.INSTALLED, DeviceState.COMMITTED):
+            return None
+        if not all(type(v) is int and 0 <= v <= _MAX_SIZE for v in (down, image)):
+            return None
+        assert isinstance(down, int)
+        assert isinstance(image, int)
+        return down, image
 
     @property
     def version(self) -> str | None:
@@ -275,11 +294,11 @@ def _move_rollouts(session: Session, device_pk: int, report: Report) -> None:
     if status in (RolloutStatus.DOWNLOADING, RolloutStatus.INSTALLED):
         # A late progress report must not take back a commit.
         statement = statement.where(DeploymentDevice.status != RolloutStatus.COMMITTED)
-    session.execute(
-        statement.values(status=status, reason=report.reason).execution_options(
-            synchronize_session=False
-        )
-    )
+    values: dict[str, Any] = {"status": status, "reason": report.reason}
+    sizes = report.sizes
+    if sizes is not None:
+        values["downloaded_bytes"], values["image_bytes"] = sizes
+    session.execute(statement.values(**values).execution_options(synchronize_session=False))
 
 
 def _set_slot(
