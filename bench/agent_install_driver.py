@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 _MIB = 1 << 20
-_SEED_READ_BYTES = 1 << 20
 # Snapshots are taken when the traced memory beats the last one by this much.
 _SNAPSHOT_STEP_BYTES = 2 * _MIB
 _TRACE_FRAMES = 12
@@ -104,23 +103,6 @@ def _where(filename: str, lineno: int) -> str:
     return f"{filename}:{lineno}"
 
 
-class _SlotReader:
-    """A slot as a stream (``readinto``), to cut it into seed chunks."""
-
-    def __init__(self, slot: Any) -> None:
-        self._slot = slot
-        self._pos = 0
-        self._size = slot.size()
-
-    def readinto(self, b: memoryview, /) -> int:
-        n: int = min(len(b), self._size - self._pos, _SEED_READ_BYTES)
-        if n <= 0:
-            return 0
-        b[:n] = self._slot.read_range(self._pos, n)
-        self._pos += n
-        return n
-
-
 def verified_entries(payload: Any, data: bytes) -> list[Any]:
     """The chunk entries of ``payload``'s index pages, each page verified by the chain."""
     from skylift.chunks import PageChainVerifier
@@ -166,7 +148,7 @@ def _install(args: argparse.Namespace, peaks: _Peaks) -> dict[str, Any]:
     from skylift.agent.install import Progress, apply_plan
     from skylift.agent.journal import InstallJournal, install_id
     from skylift.agent.plan import ByteRange, make_plan, parse_offsets, seed_index
-    from skylift.agent.slots import open_for_install, open_for_reading, slot_pair
+    from skylift.agent.slots import SlotReader, open_for_install, open_for_reading, slot_pair
     from skylift.bundle import Manifest, read_head
 
     config = load_config(args.config)
@@ -209,7 +191,7 @@ def _install(args: argparse.Namespace, peaks: _Peaks) -> dict[str, Any]:
         seed = {}
         if seed_dev is not None:
             seed = seed_index(
-                _SlotReader(seed_dev),
+                SlotReader(seed_dev),
                 payload.chunking,
                 payload.size,
                 wanted={e.digest for e in entries},

@@ -52,7 +52,13 @@ from pathlib import Path
 import zstandard
 
 from skylift.agent.config import SlotConfig
-from skylift.agent.install import FetchRanges, InstallError, Progress, decode_object
+from skylift.agent.install import (
+    FetchRanges,
+    Progress,
+    answered,
+    chunks_in,
+    decode_object,
+)
 from skylift.agent.plan import (
     ChunkStep,
     InstallPlan,
@@ -884,28 +890,10 @@ def stream_plan(
             max_range_bytes=max_range_bytes,
         )
         for request in requests:
-            asked = set(request.ranges)
-            for rng, data in fetch_ranges(request.ranges):
-                if rng not in asked or len(data) != rng.length:
-                    raise InstallError(
-                        f"the hub answered bytes {rng.start}-{rng.end} ({len(data)} bytes), "
-                        "which were not asked for",
-                        hint="retry; if it persists, a proxy may be mangling range requests",
-                    )
-                asked.discard(rng)
+            for rng, data in answered(fetch_ranges, request):
                 counter[0] += len(data)
-                view = memoryview(data)
-                i = bisect.bisect_left(starts, rng.start)
-                while i < len(starts) and starts[i] < rng.end:
-                    s = by_start[starts[i]]
-                    obj = view[s.pack_range.start - rng.start : s.pack_range.end - rng.start]
+                for s, obj in chunks_in(rng, data, starts, by_start):
                     ready[s.ordinal] = decode_object(s.entry, obj, decompressor)
-                    i += 1
-            if asked:
-                raise InstallError(
-                    f"the hub left out {len(asked)} of the {len(request.ranges)} ranges asked for",
-                    hint="retry",
-                )
 
     for n, step in enumerate(steps):
         data: bytes | None = None

@@ -48,7 +48,9 @@ __all__ = [
     "InstallResult",
     "Progress",
     "SlotVerifyError",
+    "answered",
     "apply_plan",
+    "chunks_in",
     "decode_object",
     "zero_digests",
 ]
@@ -269,18 +271,10 @@ class _Run:
         starts = sorted(by_start)
         received: set[int] = set()
         for request in requests:
-            asked = set(request.ranges)
-            for rng, data in self.fetch_ranges(request.ranges):
-                if rng not in asked or len(data) != rng.length:
-                    raise InstallError(
-                        f"the hub answered bytes {rng.start}-{rng.end} ({len(data)} bytes), "
-                        "which were not asked for",
-                        hint="retry; if it persists, a proxy may be mangling range requests",
-                    )
-                asked.discard(rng)
+            for rng, data in answered(self.fetch_ranges, request):
                 # Decoded one chunk at a time, here: decoding on the worker threads was
                 # barely faster and grew the peak RSS by their malloc arenas (bench).
-                for step, stored in _chunks_in(rng, data, starts, by_start):
+                for step, stored in chunks_in(rng, data, starts, by_start):
                     if step.ordinal in received:
                         continue  # fetched again inside the gap of a later range
                     self.write(step, decode_object(step.entry, stored, self.decompressor))
@@ -292,11 +286,6 @@ class _Run:
                 # A power cut costs at most this much fetched again.
                 if self.unsynced >= _CHECKPOINT_BYTES:
                     self.checkpoint()
-            if asked:
-                raise InstallError(
-                    f"the hub left out {len(asked)} of the {len(request.ranges)} ranges asked for",
-                    hint="retry; verified chunks will not be fetched again",
-                )
         missing = len(steps) - len(received)
         if missing:
             raise InstallError(f"{missing} chunk(s) were never received")
@@ -472,6 +461,29 @@ def _covers(entries: Sequence[ChunkEntry], size: int) -> bool:
     return pos == size
 
 
+def answered(fetch_ranges: FetchRanges, request: FetchRequest) -> Iterator[tuple[ByteRange, bytes]]:
+    """The fetcher's answer to ``request``: each range one that was asked for, whole; all of them.
+
+    Raises:
+        InstallError: a range that was not asked for, or is cut short; a range left out.
+    """
+    asked = set(request.ranges)
+    for rng, data in fetch_ranges(request.ranges):
+        if rng not in asked or len(data) != rng.length:
+            raise InstallError(
+                f"the hub answered bytes {rng.start}-{rng.end} ({len(data)} bytes), "
+                "which were not asked for",
+                hint="retry; if it persists, a proxy may be mangling range requests",
+            )
+        asked.discard(rng)
+        yield rng, data
+    if asked:
+        raise InstallError(
+            f"the hub left out {len(asked)} of the {len(request.ranges)} ranges asked for",
+            hint="retry; chunks verified so far are not fetched again",
+        )
+
+
 def decode_object(
     entry: ChunkEntry, obj: memoryview, decompressor: zstandard.ZstdDecompressor
 ) -> bytes:
@@ -491,7 +503,7 @@ def decode_object(
         ) from e
 
 
-def _chunks_in(
+def chunks_in(
     rng: ByteRange, data: bytes, starts: list[int], by_start: dict[int, ChunkStep]
 ) -> Iterator[tuple[ChunkStep, memoryview]]:
     """The wanted chunk objects inside one fetched range (gap bytes are skipped)."""
