@@ -55,6 +55,14 @@ def _flip(data: bytes, pos: int, bit: int = 0) -> bytes:
     return bytes(b)
 
 
+def _other_hex(data: bytes, pos: int) -> bytes:
+    """Another hex digit at ``pos`` (a flipped bit can leave hex: 'a' ^ 1 is '`')."""
+    b = bytearray(data)
+    assert chr(b[pos]) in "0123456789abcdef", "not a hex digit"
+    b[pos] = ord("1") if b[pos] == ord("0") else ord("0")
+    return bytes(b)
+
+
 def _set_u32(data: bytes, offset: int, value: int) -> bytes:
     return data[:offset] + struct.pack(">I", value) + data[offset + 4 :]
 
@@ -101,7 +109,7 @@ RAW_CASES: list[tuple[str, Callable[[bytes], bytes], type[BundleError]]] = [
     ("oversized signatures", lambda b: _set_u32(b, 16, 1 << 20), SectionTooLargeError),
     ("zero-length manifest", lambda b: _set_u32(b, 12, 0), SectionTooLargeError),
     ("manifest byte flipped", lambda b: _flip(b, PREAMBLE_SIZE + 30), SignatureError),
-    ("signature byte flipped", lambda b: _flip(b, _sig_offset(b) + 40), SignatureError),
+    ("signature keyid changed", lambda b: _other_hex(b, _sig_offset(b) + 40), SignatureError),
     ("signature hex upper-cased", lambda b: _upper_sig(b), ManifestError),
     ("chunk byte flipped", lambda b: _flip(b, len(b) - 100), ChunkDigestError),
 ]
