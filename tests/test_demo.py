@@ -41,6 +41,8 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert len(pushed) == 2 and pushed[0][0] == pushed[0][1]
     assert 0 < int(pushed[1][0]) < int(pushed[1][1]) / 2
     assert "1.1.0: 2 committed it, 1 rolled back by itself" in out
+    # deploy status adds up what the three devices reported downloading (the hub's accounting).
+    assert re.search(r"bandwidth: 3 devices downloaded [\d.]+ [KM]iB for 96\.0 MiB of images", out)
     assert "sensor-03 rolled back 1.1.0: health_check hook health-check exited with status 1" in out
     assert "agents stopped: sensor-01 (exit 0), sensor-02 (exit 0), sensor-03 (exit 0)" in out
     assert "every device's booted slot holds exactly the image it reports: True" in out

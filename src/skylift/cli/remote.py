@@ -751,7 +751,23 @@ def _status_view(s: dict[str, Any]) -> RenderableType:
                                         "failed", "rolled_back")),
             _t(f"{p.get('failure_rate_percent', 0):.1f}% / {s['failure_gate_percent']:g}%"),
         )  # fmt: skip
-    return Group(header, table)
+    bandwidth = _bandwidth_line(s.get("bandwidth"))
+    return Group(header, table, Text(bandwidth)) if bandwidth else Group(header, table)
+
+
+def _bandwidth_line(bw: Any) -> str | None:
+    """What the devices that reported downloaded, in a line; None before any report."""
+    if not isinstance(bw, dict) or not bw.get("devices"):
+        return None
+    n = int(bw["devices"])
+    line = (
+        f"bandwidth: {n} device{'s' if n != 1 else ''} downloaded "
+        f"{human_size(int(bw['downloaded_bytes']))} for {human_size(int(bw['image_bytes']))} "
+        "of images"
+    )
+    if bw.get("saved_percent") is not None:
+        line += f" (saved {bw['saved_percent']:g}% against whole-image downloads)"
+    return line
 
 
 def _summary(s: dict[str, Any]) -> str:

@@ -208,7 +208,7 @@ def test_unreadable_bodies_store_nothing(
 
 
 def test_installed_and_committed_reports_account_the_bytes_downloaded(hub: Hub) -> None:
-    devices = [hub.enroll() for _ in range(3)]
+    devices = [hub.enroll() for _ in range(4)]
     deployment = _deployment(hub, devices[0])
     with hub.ctx.sessions.begin() as session:
         for d in devices[1:]:
@@ -231,6 +231,15 @@ def test_installed_and_committed_reports_account_the_bytes_downloaded(hub: Hub) 
     send(devices[2], 2, "installed", {"downloaded_bytes": -1, "image_bytes": 8000})
     send(devices[2], 3, "installed", {"downloaded_bytes": 2**61, "image_bytes": 8000})
     send(devices[2], 4, "downloading", {"downloaded_bytes": 5, "image_bytes": 8000})
+    # A device that rolled back sends its installed report with the rest after its reboot:
+    # only the newest moves the rollout, but the download was spent all the same.
+    batch = [
+        {"report_id": "rb-1", "kind": "update", "state": "installed",
+         "details": {"version": VERSION, "downloaded_bytes": 500, "image_bytes": 8000}},
+        {"report_id": "rb-2", "kind": "update", "state": "rolled_back", "reason": "health check",
+         "details": {"version": VERSION}},
+    ]  # fmt: skip
+    assert hub.client(devices[3]).post("/reports", json={"reports": batch}).status_code == 200
 
     with hub.ctx.sessions() as session:
         totals = bandwidth.for_deployment(session, deployment)
@@ -240,10 +249,10 @@ def test_installed_and_committed_reports_account_the_bytes_downloaded(hub: Hub) 
         assert release_id is not None
         per_release = bandwidth.by_release(session, [release_id, 10**9])
         status = deployment_status(session, session.get_one(Deployment, deployment))
-    expected = {"devices": 2, "downloaded_bytes": 4200, "image_bytes": 16000,
-                "saved_bytes": 11800, "saved_percent": 73.8}  # fmt: skip
+    expected = {"devices": 3, "downloaded_bytes": 4700, "image_bytes": 24000,
+                "saved_bytes": 19300, "saved_percent": 80.4}  # fmt: skip
     assert totals == expected
     assert status["bandwidth"] == expected
-    assert per_release[release_id]["downloaded_bytes"] >= 4200  # other tests' deployments too
+    assert per_release[release_id]["downloaded_bytes"] >= 4700  # other tests' deployments too
     assert per_release[10**9] == {"devices": 0, "downloaded_bytes": 0, "image_bytes": 0,
                                   "saved_bytes": 0, "saved_percent": None}  # fmt: skip

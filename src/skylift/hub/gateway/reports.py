@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -271,6 +271,7 @@ def _store(
     for r in new:
         if r.slot is not None:
             _set_slot(session, device_pk, *r.slot, now=now)
+        _record_sizes(session, device_pk, r)
     return len(new), len(reports) - len(new)
 
 
@@ -279,14 +280,7 @@ def _move_rollouts(session: Session, device_pk: int, report: Report) -> None:
     status = ROLLOUT_STATUS.get(report.state)
     if status is None:
         return
-    deployments = select(Deployment.id).where(
-        Deployment.status.in_([DeploymentStatus.ACTIVE, DeploymentStatus.PAUSED])
-    )
-    if report.version is not None:
-        # A device in two live deployments: move only the one the report is about.
-        deployments = deployments.join(Release, Release.id == Deployment.release_id).where(
-            Release.version == report.version
-        )
+    deployments = _live_deployments(report)
     statement = update(DeploymentDevice).where(
         DeploymentDevice.device_id == device_pk,
         DeploymentDevice.deployment_id.in_(deployments),
@@ -294,11 +288,48 @@ def _move_rollouts(session: Session, device_pk: int, report: Report) -> None:
     if status in (RolloutStatus.DOWNLOADING, RolloutStatus.INSTALLED):
         # A late progress report must not take back a commit.
         statement = statement.where(DeploymentDevice.status != RolloutStatus.COMMITTED)
-    values: dict[str, Any] = {"status": status, "reason": report.reason}
+    session.execute(
+        statement.values(status=status, reason=report.reason).execution_options(
+            synchronize_session=False
+        )
+    )
+
+
+def _live_deployments(report: Report) -> Select[int]:
+    """The live deployments a report is about: of its release when it names a version.
+
+    (A device in two live deployments: only the one the report is about moves.)
+    """
+    deployments = select(Deployment.id).where(
+        Deployment.status.in_([DeploymentStatus.ACTIVE, DeploymentStatus.PAUSED])
+    )
+    if report.version is not None:
+        deployments = deployments.join(Release, Release.id == Deployment.release_id).where(
+            Release.version == report.version
+        )
+    return deployments
+
+
+def _record_sizes(session: Session, device_pk: int, report: Report) -> None:
+    """Keep what an installed/committed report says the device downloaded, on its rollout row.
+
+    Every report of a batch counts here, not only the newest: a device that
+    rolled back sends ``installed`` and ``rolled_back`` together after its
+    reboot, and its download was spent all the same.
+    """
     sizes = report.sizes
-    if sizes is not None:
-        values["downloaded_bytes"], values["image_bytes"] = sizes
-    session.execute(statement.values(**values).execution_options(synchronize_session=False))
+    if sizes is None:
+        return
+    deployments = _live_deployments(report)
+    session.execute(
+        update(DeploymentDevice)
+        .where(
+            DeploymentDevice.device_id == device_pk,
+            DeploymentDevice.deployment_id.in_(deployments),
+        )
+        .values(downloaded_bytes=sizes[0], image_bytes=sizes[1])
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _set_slot(
