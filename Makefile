@@ -78,6 +78,21 @@ bench-agent: setup
 	scripts/ensure-debs $(BENCH_DEBS)
 	$(BIN)/python bench/agent_install.py $(BENCH_ARGS)
 
+# Delta download bytes on make-corpus.sh's Debian image pairs (~/.cache/skylift-bench-corpus,
+# or CORPUS=DIR), with zstd, casync, zchunk, xdelta3 and OSTree measured in the same run.
+# Writes bench/results/delta-DATE.md. BENCH_ARGS=--quick for the small tar pair only.
+# The corpus is built first when missing, by the team's script (about 1.5 GB, from the
+# Debian mirror; CORPUS_SCRIPT=PATH where it lives elsewhere).
+DELTA_BENCH_DEBS ?= zstd casync zchunk xdelta3 ostree squashfs-tools e2fsprogs tar
+CORPUS_SCRIPT ?= ../shared/bench/make-corpus.sh
+.PHONY: bench-delta
+bench-delta: setup
+	scripts/ensure-debs $(DELTA_BENCH_DEBS)
+	@[ -d "$${CORPUS:-$$HOME/.cache/skylift-bench-corpus}/img" ] || { \
+	  [ -f "$(CORPUS_SCRIPT)" ] || { echo "no corpus and no $(CORPUS_SCRIPT) to build it: set CORPUS_SCRIPT" >&2; exit 1; }; \
+	  bash "$(CORPUS_SCRIPT)" all; }
+	$(BIN)/python bench/delta.py $(BENCH_ARGS)
+
 # Every dashboard page's server time at 100k devices and 1M events, against a bare
 # SELECT and a trivial page in the same run. BENCH_ARGS=--quick for 10k / 100k.
 bench-dashboard: setup

@@ -10,7 +10,7 @@ import typer
 from typer._click.exceptions import ClickException
 
 from skylift import __version__
-from skylift.cli import agent, bundle, hub, keys, remote
+from skylift.cli import agent, bundle, delta, hub, keys, remote
 from skylift.cli.common import err
 from skylift.errors import SkyliftError
 
@@ -35,6 +35,7 @@ app.command("audit")(remote.audit)
 app.add_typer(remote.provisioning_app, name="provisioning")
 app.add_typer(remote.signer_ca_app, name="signer-ca")
 app.add_typer(agent.app, name="agent")
+app.add_typer(delta.app, name="delta")
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,412 @@
+"""``skylift delta``: what a device running one image downloads to install a bundle.
+
+``skylift delta plan --seed OLD_IMAGE NEW.bundle`` computes the download an
+agent would make, with the agent's own code: the bundle's chunk index (read
+from the bundle, skipping the chunk bytes), the pack offsets the hub builds
+(``skylift.hub.content``: each chunk as its codec byte and stored bytes, in
+index order), the seed cut with the payload's chunking parameters
+(:func:`skylift.agent.plan.seed_index`) and the install plan with its
+coalesced range requests (:func:`skylift.agent.plan.make_plan`). Nothing is
+written and no network is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, BinaryIO
+
+import typer
+from rich.table import Table
+
+from skylift.agent.plan import (
+    DEFAULT_MAX_GAP_BYTES,
+    DEFAULT_MAX_RANGE_BYTES,
+    DEFAULT_MAX_RANGES_PER_REQUEST,
+    PACK_OBJECT_OVERHEAD,
+    InstallPlan,
+    Source,
+    make_plan,
+    seed_index,
+)
+from skylift.bundle import (
+    BundleHead,
+    CorruptIndexError,
+    Limits,
+    Manifest,
+    PayloadEntry,
+    PayloadSizeError,
+    TruncatedBundleError,
+    TrustedKeys,
+    read_head,
+)
+from skylift.chunks import ChunkEntry, ChunkError, IndexTotalsError, PageChainVerifier
+from skylift.chunks.index import ENTRY_SIZE, PAGE_HEADER_SIZE, parse_page_header
+from skylift.cli.bundle import KeyOpt, RootOpt, ThresholdOpt
+from skylift.cli.common import err, human_size, out, trusted_keys
+from skylift.errors import UserInputError
+
+__all__ = ["DeltaPlan", "app", "plan_delta"]
+
+app = typer.Typer(no_args_is_help=True, help="What a device downloads for an update.")
+
+#: Bytes of one entry of the hub's ``.offsets`` table (a u64 per chunk, plus the end).
+_OFFSET_BYTES = 8
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+@dataclass(frozen=True)
+class DeltaPlan:
+    """What one device would download for one payload, and why."""
+
+    manifest: Manifest
+    payload: PayloadEntry
+    verified_by: tuple[str, ...]
+    seed_bytes: int
+    head_bytes: int
+    index_bytes: int
+    offsets_bytes: int
+    plan: InstallPlan
+    max_gap_bytes: int
+    max_range_bytes: int
+    max_ranges_per_request: int
+
+    @property
+    def verified(self) -> bool:
+        """True when the manifest's signatures were checked against trusted keys."""
+        return bool(self.verified_by)
+
+    @property
+    def metadata_bytes(self) -> int:
+        """Head (the TUF target), index pages and pack offsets: fetched before any chunk."""
+        return self.head_bytes + self.index_bytes + self.offsets_bytes
+
+    @property
+    def fetched_object_bytes(self) -> int:
+        """Bytes of the chunk objects fetched (codec byte + stored bytes), gaps excluded."""
+        return sum(s.pack_range.length for s in self.plan.steps if s.source is Source.PACK)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` form."""
+        t = self.plan.totals
+        ranges = sum(len(r.ranges) for r in self.plan.requests)
+        return {
+            "method": "chunks",
+            "product": self.manifest.product,
+            "version": self.manifest.version,
+            "verified": self.verified,
+            "verified_by": list(self.verified_by),
+            "payload": self.payload.name,
+            "type": self.payload.type,
+            "chunking": self.payload.chunking.to_dict(),
+            "payload_bytes": self.payload.size,
+            "stored_bytes": self.payload.stored_size,
+            "seed_bytes": self.seed_bytes,
+            "chunks": {
+                "total": t.chunks,
+                "seed": t.seed_chunks,
+                "target_copy": t.target_copy_chunks,
+                "fetched": t.fetch_chunks,
+            },
+            "bytes": {
+                "seed": t.seed_bytes,
+                "target_copy": t.target_copy_bytes,
+                "fetched_uncompressed": t.fetch_bytes,
+                "fetched_objects": self.fetched_object_bytes,
+                "ranges": t.download_bytes,
+                "head": self.head_bytes,
+                "index": self.index_bytes,
+                "offsets": self.offsets_bytes,
+                "total": t.download_bytes + self.metadata_bytes,
+            },
+            "requests": t.requests,
+            "ranges": ranges,
+            "limits": {
+                "max_gap_bytes": self.max_gap_bytes,
+                "max_range_bytes": self.max_range_bytes,
+                "max_ranges_per_request": self.max_ranges_per_request,
+            },
+        }
+
+
+def _regular_file(path: Path, what: str, *, allow_block_device: bool = False) -> int:
+    """The size of ``path``, refusing what is not a readable file (one line, no traceback)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UserInputError(f"cannot read {what} {path}: {e.strerror or e}") from e
+    if stat.S_ISDIR(st.st_mode):
+        hint = "give the active slot's image file or block device" if allow_block_device else None
+        raise UserInputError(f"{what} {path} is a directory, not an image file", hint=hint)
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if allow_block_device and stat.S_ISBLK(st.st_mode):
+        with open(path, "rb") as f:
+            return f.seek(0, os.SEEK_END)
+    raise UserInputError(f"{what} {path} is not a regular file")
+
+
+def _choose_payload(manifest: Manifest, name: str | None) -> tuple[int, PayloadEntry]:
+    names = [p.name for p in manifest.payloads]
+    if name is None:
+        if len(names) == 1:
+            return 0, manifest.payloads[0]
+        raise UserInputError(
+            f"the bundle has {len(names)} payloads ({', '.join(names)})",
+            hint="choose the one the seed is for with --payload NAME",
+        )
+    if name not in names:
+        raise UserInputError(f"the bundle has no payload {name!r} (it has {', '.join(names)})")
+    i = names.index(name)
+    return i, manifest.payloads[i]
+
+
+def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise TruncatedBundleError(f"bundle ends in the middle of {what}")
+    return data
+
+
+def _read_index(
+    f: BinaryIO, payload: PayloadEntry, file_size: int, limits: Limits
+) -> list[ChunkEntry]:
+    """Read one payload's index pages from ``f`` (at the payload's start), skipping its chunks.
+
+    Each page is checked against the chain that starts at the manifest's
+    ``first_page_sha256``; chunk bytes are skipped (the plan needs only
+    their stored lengths), so they are neither read nor verified.
+
+    Raises:
+        CorruptIndexError, PayloadSizeError, TruncatedBundleError.
+    """
+    where = f"payload {payload.name!r}"
+    chain = PageChainVerifier(
+        bytes.fromhex(payload.index.first_page_sha256),
+        chunks=payload.chunks,
+        payload_length=payload.size,
+        max_chunk_bytes=min(limits.max_chunk_bytes, payload.chunking.max_size),
+    )
+    max_entries = min(limits.max_entries_per_page, payload.index.entries_per_page)
+    entries: list[ChunkEntry] = []
+    pages = 0
+    stored_total = 0
+    try:
+        while not chain.done:
+            if pages == payload.index.pages:
+                raise CorruptIndexError(f"{where}: index has more pages than the manifest declares")
+            header = _read_exact(f, PAGE_HEADER_SIZE, f"the index of {where}")
+            body_len = parse_page_header(header, max_entries=max_entries)
+            page = chain.accept(header + _read_exact(f, body_len, f"the index of {where}"))
+            pages += 1
+            stored = sum(e.stored_length for e in page.entries)
+            stored_total += stored
+            if f.seek(stored, os.SEEK_CUR) > file_size:
+                raise TruncatedBundleError(f"bundle ends in the middle of a chunk of {where}")
+            entries.extend(page.entries)
+    except IndexTotalsError as e:
+        raise PayloadSizeError(f"{where} differs from its declared size: {e.message}") from e
+    except ChunkError as e:
+        raise CorruptIndexError(f"{where}: {e.message}") from e
+    if pages != payload.index.pages:
+        raise CorruptIndexError(f"{where}: index has fewer pages than the manifest declares")
+    if stored_total != payload.stored_size:
+        raise PayloadSizeError(f"{where}: stored size differs from the manifest")
+    return entries
+
+
+def _pack_offsets(entries: Sequence[ChunkEntry]) -> list[int]:
+    """The offsets table the hub builds: each chunk object is its codec byte + stored bytes."""
+    offsets = [0]
+    for e in entries:
+        offsets.append(offsets[-1] + PACK_OBJECT_OVERHEAD + e.stored_length)
+    return offsets
+
+
+def plan_delta(
+    bundle: Path,
+    seed: Path,
+    *,
+    payload_name: str | None = None,
+    trusted: TrustedKeys | None = None,
+    max_gap_bytes: int = DEFAULT_MAX_GAP_BYTES,
+    max_range_bytes: int = DEFAULT_MAX_RANGE_BYTES,
+    max_ranges_per_request: int = DEFAULT_MAX_RANGES_PER_REQUEST,
+) -> DeltaPlan:
+    """Plan the install of ``bundle`` on a device whose active slot holds ``seed``.
+
+    ``trusted`` are the keys to check the manifest's signatures with; None
+    reads it unverified (the result says so). Index pages are always checked
+    against the manifest's hash chain; chunk bytes are not read.
+
+    Raises:
+        UserInputError: a path is missing, a directory or not a file; the
+            payload is ambiguous or unknown; a limit is out of range.
+        BundleError: the bundle is malformed, truncated, or not signed by
+            the trusted keys.
+    """
+    if max_gap_bytes < 0 or max_range_bytes < 1 or max_ranges_per_request < 1:
+        raise UserInputError(
+            "--max-gap must be >= 0, --max-range and --max-ranges-per-request >= 1"
+        )
+    bundle_size = _regular_file(bundle, "bundle")
+    seed_size = _regular_file(seed, "seed", allow_block_device=True)
+    limits = Limits()
+    with open(bundle, "rb") as f:
+        head: BundleHead = read_head(f, limits=limits)
+        if trusted is not None:
+            head.verify(trusted)
+            manifest = head.manifest
+        else:
+            manifest = head.unverified_manifest()
+        index_no, payload = _choose_payload(manifest, payload_name)
+        head_bytes = f.tell() + sum(h.size for h in manifest.hooks)
+        f.seek(head_bytes)
+        entries: list[ChunkEntry] = []
+        for p in manifest.payloads[: index_no + 1]:
+            entries = _read_index(f, p, bundle_size, limits)
+    offsets = _pack_offsets(entries)
+    with open(seed, "rb") as s:
+        seeds = seed_index(s, payload.chunking, payload.size, wanted={e.digest for e in entries})
+    plan = make_plan(
+        entries,
+        offsets,
+        seeds,
+        max_gap_bytes=max_gap_bytes,
+        max_range_bytes=max_range_bytes,
+        max_ranges_per_request=max_ranges_per_request,
+    )
+    return DeltaPlan(
+        manifest=manifest,
+        payload=payload,
+        verified_by=tuple(head.verified_by),
+        seed_bytes=seed_size,
+        head_bytes=head_bytes,
+        index_bytes=payload.index.pages * PAGE_HEADER_SIZE + payload.chunks * ENTRY_SIZE,
+        offsets_bytes=(payload.chunks + 1) * _OFFSET_BYTES,
+        plan=plan,
+        max_gap_bytes=max_gap_bytes,
+        max_range_bytes=max_range_bytes,
+        max_ranges_per_request=max_ranges_per_request,
+    )
+
+
+def _parse_bytes(text: str, option: str) -> int:
+    """``65536``, ``64K``, ``4M`` -> bytes."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = _SIZE_UNITS.get(t[-1:], 1)
+    digits = t[:-1] if t[-1:] in _SIZE_UNITS else t
+    if not digits.isdigit():
+        raise UserInputError(f"{option} takes a number of bytes such as 65536 or 64K, not {text!r}")
+    return int(digits) * unit
+
+
+def _print_text(d: DeltaPlan, bundle: Path, seed: Path) -> None:
+    t = d.plan.totals
+    p = d.payload
+    summary = Table.grid(padding=(0, 2))
+    summary.add_row("bundle", f"{bundle}: {d.manifest.product} {d.manifest.version}")
+    summary.add_row(
+        "signatures",
+        f"verified ({len(d.verified_by)} trusted key(s))"
+        if d.verified
+        else "NOT verified (give --key or --root to check them)",
+    )
+    summary.add_row(
+        "payload",
+        f"{p.name} ({p.type}, {human_size(p.size)}, {p.chunking.describe()}, "
+        f"{human_size(p.stored_size)} stored)",
+    )
+    summary.add_row("seed", f"{seed} ({human_size(d.seed_bytes)})")
+    summary.add_row("method", "chunks")
+    out.print(summary)
+    table = Table(title="what the device does", title_justify="left")
+    for col, justify in (("", "left"), ("chunks", "right"), ("bytes", "right"), ("", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    table.add_row("total", str(t.chunks), str(t.target_bytes), human_size(t.target_bytes))
+    table.add_row(
+        "reused from seed", str(t.seed_chunks), str(t.seed_bytes), human_size(t.seed_bytes)
+    )
+    table.add_row(
+        "copied within target",
+        str(t.target_copy_chunks),
+        str(t.target_copy_bytes),
+        human_size(t.target_copy_bytes),
+    )
+    table.add_row(
+        "fetched (uncompressed)", str(t.fetch_chunks), str(t.fetch_bytes), human_size(t.fetch_bytes)
+    )
+    out.print(table)
+    ranges = sum(len(r.ranges) for r in d.plan.requests)
+    download = Table(title="download", title_justify="left")
+    download.add_column("")
+    download.add_column("bytes", justify="right")
+    download.add_column("", justify="right")
+    rows = (
+        ("head + index + offsets", d.metadata_bytes),
+        (f"pack ranges ({ranges} ranges, gaps included)", t.download_bytes),
+        ("total", d.metadata_bytes + t.download_bytes),
+    )
+    for label, n in rows:
+        download.add_row(label, str(n), human_size(n))
+    out.print(download)
+    out.print(
+        f"{t.requests} HTTP request(s) for the pack (max gap {d.max_gap_bytes}, max range "
+        f"{d.max_range_bytes}, {d.max_ranges_per_request} ranges per request)"
+    )
+
+
+@app.command("plan")
+def plan(
+    bundle: Annotated[Path, typer.Argument(help="The new release's bundle file.")],
+    seed: Annotated[
+        Path,
+        typer.Option("--seed", help="Image the device runs now (its active slot's contents)."),
+    ],
+    payload: Annotated[
+        str | None,
+        typer.Option("--payload", help="Payload the seed is for (default: the only one)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    max_gap: Annotated[
+        str,
+        typer.Option(
+            "--max-gap", help="Fetch gaps up to this many bytes rather than split a range."
+        ),
+    ] = str(DEFAULT_MAX_GAP_BYTES),
+    max_range: Annotated[
+        str, typer.Option("--max-range", help="Largest merged range in bytes.")
+    ] = str(DEFAULT_MAX_RANGE_BYTES),
+    max_ranges_per_request: Annotated[
+        int, typer.Option("--max-ranges-per-request", help="Ranges in one HTTP request.")
+    ] = DEFAULT_MAX_RANGES_PER_REQUEST,
+    key: KeyOpt = None,
+    root: RootOpt = None,
+    threshold: ThresholdOpt = None,
+) -> None:
+    """Print what a device running SEED downloads to install BUNDLE: bytes, requests, chunks.
+
+    Uses the agent's planner on the pack the hub would build. Without --key or
+    --root the manifest's signatures are not checked, and the output says so.
+    """
+    gap = _parse_bytes(max_gap, "--max-gap")
+    rng = _parse_bytes(max_range, "--max-range")
+    d = plan_delta(
+        bundle,
+        seed,
+        payload_name=payload,
+        trusted=trusted_keys(key or [], root, threshold) if key or root else None,
+        max_gap_bytes=gap,
+        max_range_bytes=rng,
+        max_ranges_per_request=max_ranges_per_request,
+    )
+    if as_json:
+        typer.echo(json.dumps(d.to_dict(), indent=2, sort_keys=True))
+    else:
+        _print_text(d, bundle, seed)
+    if not d.verified:
+        err.print("note: the bundle's signatures were not checked (give --key or --root)")
