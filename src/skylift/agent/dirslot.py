@@ -99,8 +99,9 @@ _MAX_MEMBERS = 2_000_000
 _MAX_SKELETON_JSON = 128 * 1024 * 1024
 _TRAILER = struct.Struct(">Q")
 _SKELETON_VERSION = 1
-#: Chunks that the target repeats are kept in memory up to this much, else fetched again.
-_RETAIN_BYTES = 16 * 1024 * 1024
+#: Chunks that the target repeats are kept in memory up to this much, else fetched again
+#: (it adds to the fetch window in the peak RSS, which must stay under 64 MiB).
+_RETAIN_BYTES = 4 * 1024 * 1024
 _REG_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 _EXTENDED_TYPES = (
     tarfile.XHDTYPE,
@@ -848,7 +849,7 @@ def stream_plan(
 
     Fetches go ahead of the output in windows of at most ``max_range_bytes``
     of pack (and as much decoded), so memory stays bounded. A chunk the
-    target repeats is kept (up to 16 MiB of them) or fetched again. A seed
+    target repeats is kept (up to 4 MiB of them) or fetched again. A seed
     chunk whose bytes changed since the seed was indexed is fetched.
     ``downloaded[0]`` counts the bytes received.
 

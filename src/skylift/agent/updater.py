@@ -1145,9 +1145,6 @@ class Updater:
         assert record.target_slot is not None
         assert record.previous_slot is not None
         pair = slot_pair(self.config, payload.slot_class, record.previous_slot)
-        entries = update.entries[payload.name]
-        offsets = update.offsets[payload.name]
-        download = self.config.download
         offer = update.offer
 
         def fetch(ranges: Sequence[ByteRange]) -> Iterable[tuple[ByteRange, bytes]]:
@@ -1170,53 +1167,69 @@ class Updater:
                     report_id=f"{record.update_id}.progress.{pct}",
                 )
 
-        if pair.inactive.type == "directory":
-            return self._install_directory(pair, update, payload, fetch, progress)
+        install = (
+            self._install_directory if pair.inactive.type == "directory" else self._install_image
+        )
         for attempt in (1, 2):
-            journal = self._journal(record, update, payload)
-            seed_dev = _open_seed(pair.active)
             try:
-                seed = {}
-                if seed_dev is not None:
-                    seed = seed_index(
-                        SlotReader(seed_dev),
-                        payload.chunking,
-                        payload.size,
-                        wanted={e.digest for e in entries},
-                    )
-                plan = make_plan(
-                    entries,
-                    offsets,
-                    seed,
-                    verified=journal.verified,
-                    max_gap_bytes=download.max_gap_bytes,
-                    max_ranges_per_request=download.max_ranges_per_request,
-                    max_range_bytes=download.max_range_bytes,
-                )
-                self._check_download(payload, plan.totals)
-                slot = self._open_slot(pair.inactive, payload.size)
-                try:
-                    result = apply_plan(
-                        plan,
-                        fetch_ranges=fetch,
-                        slot=slot,
-                        seed=seed_dev,
-                        journal=journal,
-                        on_progress=progress,
-                        payload_sha256=payload.sha256,
-                        max_gap_bytes=download.max_gap_bytes,
-                    )
-                finally:
-                    slot.close()
-                return result.downloaded_bytes
+                return install(record, update, payload, pair, fetch, progress)
             except ChunkRejectedError as e:
                 if attempt == 2:
                     raise
                 _log.warning("refetching after a corrupt chunk: %s", e.message)
-            finally:
-                if seed_dev is not None:
-                    seed_dev.close()
         raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _install_image(
+        self,
+        record: StateRecord,
+        update: _Update,
+        payload: PayloadEntry,
+        pair: SlotPair,
+        fetch: FetchRanges,
+        progress: Callable[[Progress], None],
+    ) -> int:
+        """One attempt at writing an image into a file or block slot; the bytes fetched."""
+        entries = update.entries[payload.name]
+        download = self.config.download
+        journal = self._journal(record, update, payload)
+        seed_dev = _open_seed(pair.active)
+        try:
+            seed = {}
+            if seed_dev is not None:
+                seed = seed_index(
+                    SlotReader(seed_dev),
+                    payload.chunking,
+                    payload.size,
+                    wanted={e.digest for e in entries},
+                )
+            plan = make_plan(
+                entries,
+                update.offsets[payload.name],
+                seed,
+                verified=journal.verified,
+                max_gap_bytes=download.max_gap_bytes,
+                max_ranges_per_request=download.max_ranges_per_request,
+                max_range_bytes=download.max_range_bytes,
+            )
+            self._check_download(payload, plan.totals)
+            slot = self._open_slot(pair.inactive, payload.size)
+            try:
+                result = apply_plan(
+                    plan,
+                    fetch_ranges=fetch,
+                    slot=slot,
+                    seed=seed_dev,
+                    journal=journal,
+                    on_progress=progress,
+                    payload_sha256=payload.sha256,
+                    max_gap_bytes=download.max_gap_bytes,
+                )
+            finally:
+                slot.close()
+            return result.downloaded_bytes
+        finally:
+            if seed_dev is not None:
+                seed_dev.close()
 
     def _check_download(self, payload: PayloadEntry, totals: PlanTotals) -> None:
         limit = self.config.storage.max_download_bytes
@@ -1228,35 +1241,29 @@ class Updater:
 
     def _install_directory(
         self,
-        pair: SlotPair,
+        record: StateRecord,
         update: _Update,
         payload: PayloadEntry,
+        pair: SlotPair,
         fetch: FetchRanges,
         progress: Callable[[Progress], None],
     ) -> int:
-        """A tar payload streamed into a directory slot (skylift.agent.dirslot)."""
+        """One attempt at streaming a tar payload into a directory slot (skylift.agent.dirslot)."""
         download = self.config.download
-        for attempt in (1, 2):
-            try:
-                result = install_directory(
-                    pair,
-                    payload,
-                    update.entries[payload.name],
-                    update.offsets[payload.name],
-                    fetch_ranges=fetch,
-                    state_dir=self.config.storage.state_dir,
-                    max_gap_bytes=download.max_gap_bytes,
-                    max_ranges_per_request=download.max_ranges_per_request,
-                    max_range_bytes=download.max_range_bytes,
-                    check_plan=lambda totals: self._check_download(payload, totals),
-                    on_progress=progress,
-                )
-                return result.downloaded_bytes
-            except ChunkRejectedError as e:
-                if attempt == 2:
-                    raise
-                _log.warning("refetching after a corrupt chunk: %s", e.message)
-        raise AssertionError("unreachable: the second attempt returns or raises")
+        result = install_directory(
+            pair,
+            payload,
+            update.entries[payload.name],
+            update.offsets[payload.name],
+            fetch_ranges=fetch,
+            state_dir=self.config.storage.state_dir,
+            max_gap_bytes=download.max_gap_bytes,
+            max_ranges_per_request=download.max_ranges_per_request,
+            max_range_bytes=download.max_range_bytes,
+            check_plan=lambda totals: self._check_download(payload, totals),
+            on_progress=progress,
+        )
+        return result.downloaded_bytes
 
     # -- installed, rebooting ------------------------------------------------------------
 
