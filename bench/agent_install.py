@@ -24,7 +24,7 @@ What runs, all on 127.0.0.1, in a temporary directory removed at the end
   (``Director.assign``, as the tests do);
 - the agent side in its own process (bench/agent_install_driver.py), so its
   peak RSS (``VmHWM``, read by that process at its end) is its own: ``HubClient`` over
-  mutual TLS, head, verified index, offsets, plan, ``apply_plan`` into a file
+  mutual TLS, head, verified index, plan, ``apply_plan`` into a file
   slot with its journal, and the final read-back. First a fresh install of v1
   into an empty slot (unseeded), then the update to v2 into the other slot,
   seeded from the v1 slot;
@@ -446,7 +446,7 @@ def _report(
     lines += [
         "",
         f"update: {u['result']['downloaded_bytes'] / _MIB:.1f} MiB of pack ranges in "
-        f"{u['plan']['requests']} requests + {meta / _MIB:.2f} MiB of head, index and offsets "
+        f"{u['plan']['requests']} requests + {meta / _MIB:.2f} MiB of head and index "
         f"= {100 * down / size:.1f}% of the {size / _MIB:.0f} MiB image; the new chunks are "
         f"{new_bytes / _MIB:.1f} MiB uncompressed; {u['plan']['seed_chunks']} chunks from the "
         f"seed, {u['plan']['target_copy_chunks']} copied within the target",

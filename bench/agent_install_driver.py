@@ -6,7 +6,7 @@ does for one offer, with the agent's own modules and nothing of the updater:
 
     HubClient.check -> fetch_head -> read_head + Manifest (the head's length and
     SHA-256 are what TUF signed) -> fetch_index (page chain verified from the
-    manifest's first page digest) + fetch_offsets (parse_offsets) -> seed_index
+    manifest's first page digest; pack offsets derived from it) -> seed_index
     of the active slot (``--seed``) -> make_plan -> apply_plan into the inactive
     file slot, with its journal, including the final read-back of the slot.
 
@@ -147,7 +147,7 @@ def _install(args: argparse.Namespace, peaks: _Peaks) -> dict[str, Any]:
     from skylift.agent.hubclient import HubClient
     from skylift.agent.install import Progress, apply_plan
     from skylift.agent.journal import InstallJournal, install_id
-    from skylift.agent.plan import ByteRange, make_plan, parse_offsets, seed_index
+    from skylift.agent.plan import ByteRange, make_plan, seed_index
     from skylift.agent.slots import SlotReader, open_for_install, open_for_reading, slot_pair
     from skylift.bundle import Manifest, read_head
 
@@ -180,11 +180,7 @@ def _install(args: argparse.Namespace, peaks: _Peaks) -> dict[str, Any]:
         (payload,) = manifest.payloads
         index = client.fetch_index(offer, payload.name)
         entries = verified_entries(payload, index)
-        offsets_bytes = client.fetch_offsets(offer, payload.name)
-        offsets = parse_offsets(offsets_bytes, entries)
-        offsets_len = len(offsets_bytes)
-        del offsets_bytes
-        lap("index+offsets")
+        lap("index")
 
         pair = slot_pair(config, payload.slot_class, args.booted)
         seed_dev = open_for_reading(pair.active) if args.seed else None
@@ -207,14 +203,13 @@ def _install(args: argparse.Namespace, peaks: _Peaks) -> dict[str, Any]:
         )
         plan = make_plan(
             entries,
-            offsets,
             seed,
             verified=journal.verified,
             max_gap_bytes=download.max_gap_bytes,
             max_ranges_per_request=download.max_ranges_per_request,
             max_range_bytes=download.max_range_bytes,
         )
-        del seed, offsets
+        del seed
         lap("plan")
         peaks.sample("after the plan")
 
@@ -296,7 +291,7 @@ def _install(args: argparse.Namespace, peaks: _Peaks) -> dict[str, Any]:
             "downloaded_bytes": result.downloaded_bytes,
             "verified_bytes": result.verified_bytes,
         },
-        "metadata_bytes": {"head": len(head), "index": len(index), "offsets": offsets_len},
+        "metadata_bytes": {"head": len(head), "index": len(index)},
     }
 
 

@@ -181,20 +181,20 @@ def _fill(row: Row, doc: dict[str, Any]) -> None:
     b, c = doc["bytes"], doc["chunks"]
     row.download_bytes = int(b["total"])
     row.requests = int(doc["requests"])
-    metadata = int(b["head"]) + int(b["index"]) + int(b["offsets"])
+    metadata = int(b["head"]) + int(b["index"])
     gaps = int(b["ranges"]) - int(b["fetched_objects"])
     row.detail.update(
         ranges_bytes=int(b["ranges"]),
         object_bytes=int(b["fetched_objects"]),
         gap_bytes=gaps,
         metadata_bytes=metadata,
-        index_bytes=int(b["index"]) + int(b["offsets"]),
+        index_bytes=int(b["index"]),
         chunks=int(c["total"]),
         fetched_chunks=int(c["fetched"]),
     )
     row.note = (
         f"{c['fetched']}/{c['total']} chunks fetched: {_mb(int(b['fetched_objects']))} MB "
-        f"+ {_mb(gaps)} MB gaps + {_mb(metadata)} MB head/index/offsets"
+        f"+ {_mb(gaps)} MB gaps + {_mb(metadata)} MB head/index"
     )
 
 
@@ -304,7 +304,7 @@ class DeltaBench:
             f"skylift {spec} grouped (est.)",
             d.metadata_bytes + sizes[19],
             d.plan.totals.requests,
-            f"estimate: head+index+offsets + the {d.plan.totals.fetch_chunks} fetched chunks "
+            f"estimate: head+index + the {d.plan.totals.fetch_chunks} fetched chunks "
             f"({_mb(len(fetched))} MB) as one zstd -19 stream; -3: "
             f"{_mb(d.metadata_bytes + sizes[3])} MB",
         )
@@ -655,7 +655,8 @@ def _write_markdown(
         "",
         "Made by `bench/delta.py` (all figures from one run, on the same files). Bytes are what",
         "a device running the old image downloads to install the new one. Skylift: head + chunk",
-        "index + pack offsets + the coalesced HTTP ranges of the pack (gaps included), from",
+        "index (zstd, as the hub serves it) + the coalesced HTTP ranges of the pack (gaps",
+        "included), from",
         f"`skylift delta plan` with the agent's defaults (max gap {DEFAULT_MAX_GAP_BYTES} bytes, "
         f"max range {DEFAULT_MAX_RANGE_BYTES} bytes, {DEFAULT_MAX_RANGES_PER_REQUEST} ranges "
         "per request); multipart headers (~100 bytes a range) are not counted.",

@@ -3,8 +3,8 @@
 :func:`publish` does what the hub's ingest does (``skylift.hub.content``,
 which the agent's tests may import but the agent may not): it reads a real
 bundle, verifies it, and keeps the head (the TUF target), each payload's
-index pages, its pack (codec byte + stored bytes per chunk, in index order)
-and the pack's offsets table (u64 big-endian, one per chunk plus the end).
+index pages and its pack (codec byte + stored bytes per chunk, in index
+order; the agent derives where each chunk starts from the index).
 :class:`SimHub` serves one assigned release from those, as the director and
 the device gateway would, and records the reports it receives, keeping each
 ``report_id`` once as the hub does.
@@ -12,7 +12,7 @@ the device gateway would, and records the reports it receives, keeping each
 Faults (:class:`Faults`): the next N requests fail as unreachable or with a
 server error (both :class:`HubUnreachableError`, as the real client raises
 them), a chunk that arrives corrupt once or always, an offer refused by the
-trust checks, a tampered index or offsets table.
+trust checks, a tampered index.
 
 For the power-loss test the release can be written to a directory
 (:func:`save_release`) and the reports kept in a JSON-lines file
@@ -26,7 +26,6 @@ import io
 import json
 import os
 import random
-import struct
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -79,7 +78,6 @@ __all__ = [
 PRODUCT = "acme-gw"
 #: Small chunks, so a few MiB image has a few hundred of them.
 PARAMS = ChunkingParams.cdc(8 * 1024)
-_OFFSET = struct.Struct(">Q")
 _CREATED = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 
 
@@ -189,7 +187,6 @@ class Published:
     head: bytes
     indexes: dict[str, bytes]
     packs: dict[str, bytes]
-    offsets: dict[str, bytes]
 
 
 def publish(bundle: bytes, trusted: TrustedKeys, *, deployment_id: int | None = 7) -> Published:
@@ -201,16 +198,12 @@ def publish(bundle: bytes, trusted: TrustedKeys, *, deployment_id: int | None = 
     head_bytes = bundle[: head.length]
     indexes: dict[str, bytearray] = {p.name: bytearray() for p in manifest.payloads}
     packs: dict[str, bytearray] = {p.name: bytearray() for p in manifest.payloads}
-    offsets: dict[str, bytearray] = {p.name: bytearray() for p in manifest.payloads}
     for ev in read_body(stream, head):
         if isinstance(ev, IndexPageData):
             indexes[ev.payload.name] += ev.page
         elif isinstance(ev, ChunkData):
             name = ev.payload.name
-            offsets[name] += _OFFSET.pack(len(packs[name]))
             packs[name] += bytes([ev.entry.codec]) + ev.stored
-    for name in offsets:
-        offsets[name] += _OFFSET.pack(len(packs[name]))
     offer = Offer(
         product=manifest.product,
         version=manifest.version,
@@ -228,18 +221,16 @@ def publish(bundle: bytes, trusted: TrustedKeys, *, deployment_id: int | None = 
         head_bytes,
         {k: bytes(v) for k, v in indexes.items()},
         {k: bytes(v) for k, v in packs.items()},
-        {k: bytes(v) for k, v in offsets.items()},
     )
 
 
 def save_release(release: Published, directory: Path) -> None:
-    """Write ``release`` to ``directory`` (head, ``<payload>.index/.pack/.offsets``, offer.json)."""
+    """Write ``release`` to ``directory`` (head, ``<payload>.index/.pack``, offer.json)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "head").write_bytes(release.head)
     for name in release.indexes:
         (directory / f"{name}.index").write_bytes(release.indexes[name])
         (directory / f"{name}.pack").write_bytes(release.packs[name])
-        (directory / f"{name}.offsets").write_bytes(release.offsets[name])
     o = release.offer
     doc = {
         "product": o.product,
@@ -273,7 +264,6 @@ def load_release(directory: Path) -> Published:
         (directory / "head").read_bytes(),
         {n: (directory / f"{n}.index").read_bytes() for n in names},
         {n: (directory / f"{n}.pack").read_bytes() for n in names},
-        {n: (directory / f"{n}.offsets").read_bytes() for n in names},
     )
 
 
@@ -341,7 +331,6 @@ class Faults:
     corrupt: str | None = None  # "once" or "always": a flipped byte in the first chunk served
     refuse: str | None = None  # check() refuses with this reason
     tamper_index: bool = False  # serve index pages that do not match the manifest
-    tamper_offsets: bool = False  # serve an offsets table that does not match the index
     fail_ranges_after: int | None = None  # unreachable after this many ranges served (once)
 
 
@@ -406,13 +395,6 @@ class SimHub:
         data = self._mine(offer).indexes[payload]
         if self.faults.tamper_index:
             data = data[:-1] + bytes([data[-1] ^ 1])
-        return data
-
-    def fetch_offsets(self, offer: Offer, payload: str) -> bytes:
-        self._request("offsets")
-        data = self._mine(offer).offsets[payload]
-        if self.faults.tamper_offsets:
-            data = data[:8] + _OFFSET.pack(_OFFSET.unpack(data[8:16])[0] + 1) + data[16:]
         return data
 
     def fetch_ranges(

@@ -116,7 +116,6 @@ def run(
             seed = seed_index(f, release.payload.chunking, len(seed_image), wanted=wanted)
     plan = make_plan(
         release.entries,
-        release.offsets,
         seed,
         verified=journal.verified,
         max_gap_bytes=0 if small_ranges else 64 * 1024,
@@ -217,7 +216,7 @@ def test_stale_seed_falls_back_to_the_pack(tmp_path: Path, v2: Release) -> None:
     (tmp_path / "a.img").write_bytes(V1)
     seed = seed_index(io.BytesIO(V1), v2.payload.chunking, len(V1))
     (tmp_path / "a.img").write_bytes(bytes(len(V1)))  # overwritten after indexing
-    plan = make_plan(v2.entries, v2.offsets, seed)
+    plan = make_plan(v2.entries, seed)
     slot = open_for_install(slot_cfg(tmp_path / "b.img", "B"), plan.size)
     seed_dev = open_for_reading(slot_cfg(tmp_path / "a.img", "A"))
     try:
@@ -256,7 +255,7 @@ def test_readback_mismatch_resets_the_journal(tmp_path: Path, v2: Release) -> No
                 self.inner.write_at(offset, data)
 
     journal = InstallJournal(tmp_path / "j", install_id("x"))
-    plan = make_plan(v2.entries, v2.offsets, {})
+    plan = make_plan(v2.entries, {})
     inner = open_for_install(slot_cfg(tmp_path / "b.img", "B"), plan.size)
     try:
         with pytest.raises(SlotVerifyError, match="after writing"):
@@ -276,7 +275,7 @@ def test_readback_mismatch_resets_the_journal(tmp_path: Path, v2: Release) -> No
 def test_a_stale_chunk_inside_a_seed_run_is_fetched_alone(tmp_path: Path, v2: Release) -> None:
     # Seed chunks that are neighbours are copied as one run; each is still checked on its own.
     seed = seed_index(io.BytesIO(V1), v2.payload.chunking, len(V1))
-    plan = make_plan(v2.entries, v2.offsets, seed)
+    plan = make_plan(v2.entries, seed)
     seeds = plan.steps_from(Source.SEED)
     victim = next(
         s
@@ -334,7 +333,7 @@ def test_zero_chunks_are_written_without_reading_and_checked_on_read_back(
             return bytes(data)
 
     journal = InstallJournal(tmp_path / "j2", install_id("y"))
-    plan = make_plan(release.entries, release.offsets, {})
+    plan = make_plan(release.entries, {})
     inner = open_for_install(slot_cfg(tmp_path / "c.img", "B"), plan.size)
     try:
         with pytest.raises(SlotVerifyError, match=f"offset {zero_chunks[-1].offset}"):

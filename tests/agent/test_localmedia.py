@@ -28,7 +28,7 @@ from skylift.agent.errors import ReportTransportError
 from skylift.agent.install import InstallResult, apply_plan
 from skylift.agent.journal import InstallJournal, install_id
 from skylift.agent.localmedia import LocalBundle
-from skylift.agent.plan import ByteRange, make_plan, parse_offsets, seed_index
+from skylift.agent.plan import ByteRange, make_plan, pack_offsets, seed_index
 from skylift.agent.ports import HubPort, HubUnreachableError, Offer, UpdateRefusedError
 from skylift.agent.slots import SlotDevice, open_for_install, open_for_reading
 from skylift.bundle import (
@@ -238,9 +238,11 @@ def test_answers_are_byte_identical_to_the_hubs_pack(tmp_path: Path, keys: Keys,
     assert lb.fetch_head(offer) == hub.head
     for name in ("rootfs", "app"):
         assert lb.fetch_index(offer, name) == hub.index[name]
-        assert lb.fetch_offsets(offer, name) == hub.offsets[name]
         pack = hub.pack[name]
         offsets = [o for (o,) in struct.iter_unpack(">Q", hub.offsets[name])]
+        # What the agent derives from the index is the hub's offsets table.
+        entries = _entries(hub.index[name], hub.head, keys, name)
+        assert list(pack_offsets(entries)) == offsets
         assert len(offsets) > 3 * ENTRIES_PER_PAGE  # ranges below cross index pages
         n = len(pack)
         ranges = [
@@ -310,7 +312,6 @@ def install(
     """The updater's path from an offer to a written, verified slot."""
     head_bytes = lb.fetch_head(offer)
     entries = _entries(lb.fetch_index(offer, "rootfs"), head_bytes, keys, "rootfs")
-    offsets = parse_offsets(lb.fetch_offsets(offer, "rootfs"), entries)
     payload = next(p for p in offer.payloads if p.name == "rootfs")
     seed: dict[bytes, tuple[int, int]] = {}
     seed_dev: SlotDevice | None = None
@@ -319,7 +320,7 @@ def install(
         seed_dev = open_for_reading(_slot(tmp_path / "a.img", "A"))
         with open(tmp_path / "a.img", "rb") as f:
             seed = seed_index(f, PARAMS, len(seed_image), wanted={e.digest for e in entries})
-    plan = make_plan(entries, offsets, seed)
+    plan = make_plan(entries, seed)
     read = 0
 
     def fetch(ranges: Sequence[ByteRange]) -> Iterable[tuple[ByteRange, bytes]]:
@@ -576,7 +577,6 @@ CHANGES: list[tuple[str, Callable[[Path, bytes], object]]] = [
 FETCHES: list[tuple[str, Callable[[LocalBundle, Offer], object]]] = [
     ("head", lambda lb, o: lb.fetch_head(o)),
     ("index", lambda lb, o: lb.fetch_index(o, "rootfs")),
-    ("offsets", lambda lb, o: lb.fetch_offsets(o, "rootfs")),
     ("ranges", lambda lb, o: list(lb.fetch_ranges(o, "rootfs", [ByteRange(0, 100)]))),
 ]
 
@@ -636,10 +636,11 @@ def test_fetches_answer_only_for_the_checked_offer(tmp_path: Path, keys: Keys, v
     offer = lb.check(installed_version=None, allow_downgrade=False)
     assert offer is not None
     with pytest.raises(UpdateRefusedError, match="not the release being installed"):
-        lb.fetch_offsets(fake, "rootfs")
+        lb.fetch_index(fake, "rootfs")
     with pytest.raises(UpdateRefusedError, match="no payload 'kernel'"):
         lb.fetch_index(offer, "kernel")
-    size = struct.unpack(">Q", lb.fetch_offsets(offer, "app")[-8:])[0]
+    head_bytes = lb.fetch_head(offer)
+    size = pack_offsets(_entries(lb.fetch_index(offer, "app"), head_bytes, keys, "app"))[-1]
     for bad in (ByteRange(size - 1, size + 1), ByteRange(5, 5), ByteRange(-1, 3)):
         with pytest.raises(UpdateRefusedError, match="outside the pack"):
             lb.fetch_ranges(offer, "app", [bad])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import struct
+from dataclasses import replace
 
 import pytest
 
@@ -16,7 +16,7 @@ from skylift.agent.plan import (
     Source,
     coalesce,
     make_plan,
-    parse_offsets,
+    pack_offsets,
     seed_index,
 )
 from skylift.chunks import DEFAULT_CDC, ChunkEntry, ChunkingParams, iter_chunks
@@ -44,9 +44,9 @@ V2 = V1[:300_000] + b"patched!" + V1[300_008:900_000] + bytes(range(256)) * 12 +
 
 
 def test_seeded_plan_downloads_only_the_changed_chunks() -> None:
-    entries, offsets = index_of(V2)
+    entries, _offsets = index_of(V2)
     seed = seed_index(io.BytesIO(V1), PARAMS, len(V1))
-    plan = make_plan(entries, offsets, seed)
+    plan = make_plan(entries, seed)
     v1_digests = {e.digest for e in index_of(V1)[0]}
     fetched = [s for s in plan.steps if s.source is Source.PACK]
     assert fetched, "the patched regions cannot come from the seed"
@@ -65,8 +65,8 @@ def test_seeded_plan_downloads_only_the_changed_chunks() -> None:
 
 def test_unseeded_plan_fetches_everything_once_and_copies_repeats() -> None:
     image = realistic_payload(400_000, seed=3) + bytes(300_000)  # zero chunks repeat
-    entries, offsets = index_of(image, ChunkingParams.fixed(4096))
-    plan = make_plan(entries, offsets, {})
+    entries, _offsets = index_of(image, ChunkingParams.fixed(4096))
+    plan = make_plan(entries, {})
     fetched = plan.steps_from(Source.PACK)
     repeats = plan.steps_from(Source.TARGET)
     assert repeats, "repeated zero blocks are copied within the target"
@@ -91,9 +91,9 @@ def test_seed_is_cut_with_the_payloads_parameters_only_up_to_length() -> None:
 
 
 def test_resume_skips_verified_chunks() -> None:
-    entries, offsets = index_of(V2)
+    entries, _offsets = index_of(V2)
     verified = set(range(0, len(entries), 2))
-    plan = make_plan(entries, offsets, {}, verified=verified)
+    plan = make_plan(entries, {}, verified=verified)
     assert {s.ordinal for s in plan.steps}.isdisjoint(verified)
     assert {s.ordinal for s in plan.steps} | verified == set(range(len(entries)))
     assert plan.totals.skipped_chunks == len(verified)
@@ -103,14 +103,14 @@ def test_resume_skips_verified_chunks() -> None:
             for req in plan.requests
             for r in req.ranges
         )
-    full = make_plan(entries, offsets, {})
+    full = make_plan(entries, {})
     assert plan.totals.fetch_bytes < full.totals.fetch_bytes
 
 
 def test_resume_rejects_ordinals_outside_the_index() -> None:
-    entries, offsets = index_of(V1[:100_000])
+    entries, _offsets = index_of(V1[:100_000])
     with pytest.raises(PlanError, match="journal names chunks"):
-        make_plan(entries, offsets, {}, verified={len(entries)})
+        make_plan(entries, {}, verified={len(entries)})
 
 
 def R(a: int, b: int) -> ByteRange:
@@ -154,9 +154,9 @@ def test_coalesce_refuses_overlap() -> None:
 
 
 def test_scattered_changes_need_few_requests() -> None:
-    entries, offsets = index_of(V1)
+    entries, _offsets = index_of(V1)
     seed = {e.digest: (e.offset, e.length) for i, e in enumerate(entries) if i % 3}
-    plan = make_plan(entries, offsets, seed, max_gap_bytes=64 * 1024, max_ranges_per_request=16)
+    plan = make_plan(entries, seed, max_gap_bytes=64 * 1024, max_ranges_per_request=16)
     missing = len(entries) - len(seed)
     # Every third chunk is missing; gaps of two ~20 KiB chunks are merged.
     assert plan.totals.fetch_chunks >= missing - 1
@@ -167,15 +167,14 @@ def test_scattered_changes_need_few_requests() -> None:
         assert any(q.start <= r.start and r.end <= q.end for q in plan.requests[0].ranges)
 
 
-def test_parse_offsets_checks_the_table_against_the_index() -> None:
+def test_pack_offsets_are_the_running_sum_of_the_chunk_objects() -> None:
     entries, offsets = index_of(V1[:200_000])
-    table = b"".join(struct.pack(">Q", o) for o in offsets)
-    assert parse_offsets(table, entries) == offsets
-    with pytest.raises(PlanError, match="bytes, expected"):
-        parse_offsets(table[:-8], entries)
-    bad = list(offsets)
-    bad[2] += 1
-    with pytest.raises(PlanError, match="disagrees with the chunk index at chunk 1"):
-        parse_offsets(b"".join(struct.pack(">Q", o) for o in bad), entries)
-    with pytest.raises(PlanError):
-        make_plan(entries, [o + 1 for o in offsets], {})
+    assert list(pack_offsets(entries)) == offsets
+    # Stored lengths, not lengths, decide: a compressed chunk moves every later start.
+    squeezed = [entries[0], replace(entries[1], stored_length=10, codec=1), *entries[2:]]
+    got = pack_offsets(squeezed)
+    assert got[2] == offsets[1] + 1 + 10
+    assert got[-1] == offsets[-1] - (entries[1].stored_length - 10)
+    assert list(pack_offsets([])) == [0]
+    plan = make_plan(squeezed, {})
+    assert [s.pack_range.start for s in plan.steps] == list(got[:-1])

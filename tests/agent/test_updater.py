@@ -266,7 +266,6 @@ REFUSALS: list[tuple[str, Callable[[CryptoSigner], Published] | None, Faults, st
     ("other product", _other_product, Faults(), "for product other-gw"),
     ("unknown slot class", _no_rootfs, Faults(), "slot class 'app'"),
     ("tampered index", None, Faults(tamper_index=True), "does not verify"),
-    ("tampered offsets", None, Faults(tamper_offsets=True), "offsets table"),
     ("corrupt chunk always", None, Faults(corrupt="always"), "corrupt twice"),
 ]
 

@@ -27,7 +27,6 @@ CHANGED = (10, 11, 40)
 REPEAT = (100, 10)
 RAW_OBJECT = BLOCK + 1  # random blocks are stored raw: codec byte + 4096 bytes
 INDEX_BYTES = 72 + 41 * BLOCKS
-OFFSETS_BYTES = 8 * (BLOCKS + 1)
 
 
 def _bundle(
@@ -114,8 +113,11 @@ def test_plan_reuses_the_seed_and_fetches_only_changed_blocks(
     # 10 and 11 are adjacent; 40 is 28 objects (> 64 KiB) further: two ranges, one request.
     assert doc["ranges"] == 2 and doc["requests"] == 1
     assert b["ranges"] == len(CHANGED) * RAW_OBJECT
-    assert b["index"] == INDEX_BYTES and b["offsets"] == OFFSETS_BYTES
-    assert b["total"] == b["ranges"] + b["head"] + b["index"] + b["offsets"]
+    # The index is counted as the hub serves it, compressed: random blocks have
+    # 128 distinct digests, so zstd saves little beyond the repeated lengths.
+    assert b["index_uncompressed"] == INDEX_BYTES
+    assert INDEX_BYTES // 2 < b["index"] < INDEX_BYTES
+    assert b["total"] == b["ranges"] + b["head"] + b["index"]
 
 
 def test_coalescing_limits_change_ranges_and_requests(

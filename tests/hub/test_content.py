@@ -11,7 +11,7 @@ import pytest
 import zstandard
 
 from skylift.bundle import ChunkData, IndexPageData, TrustedKeys, read_body, read_head
-from skylift.chunks import CODEC_NONE, CODEC_ZSTD, ChunkingParams
+from skylift.chunks import CODEC_NONE, CODEC_ZSTD, ChunkingParams, decompress_index
 from skylift.hub.content import ContentError, ReleaseContent, chunk_key
 from skylift.hub.storage import LocalStore
 from skylift.trust.keys import generate_private_key, signer_for
@@ -71,6 +71,11 @@ def test_ingest_stores_packs_that_serve_every_chunk(content: ReleaseContent, bun
     raw = store.get("releases/acme-gw/1.2.3/rootfs.offsets", max_bytes=1 << 20)
     offsets = [o for (o,) in struct.iter_unpack(">Q", raw)]
     assert offsets[-1] == len(pack)
+    # The compressed index decodes to the pages, and its frame declares their size.
+    packed = store.get("releases/acme-gw/1.2.3/rootfs.index.zst", max_bytes=1 << 24)
+    pages = indexes["rootfs"]
+    assert zstandard.frame_content_size(packed) == len(pages)
+    assert decompress_index(packed, len(pages)) == pages
     # each chunk in the pack decodes to its content, in index order
     stream = io.BytesIO(bundle)
     h = read_head(stream)

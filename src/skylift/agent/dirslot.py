@@ -942,7 +942,6 @@ def install_directory(
     pair: SlotPair,
     payload: PayloadEntry,
     entries: Sequence[ChunkEntry],
-    offsets: Sequence[int],
     *,
     fetch_ranges: FetchRanges,
     state_dir: Path,
@@ -979,7 +978,6 @@ def install_directory(
         )
         plan = make_plan(
             entries,
-            offsets,
             found,
             max_gap_bytes=max_gap_bytes,
             max_ranges_per_request=max_ranges_per_request,

@@ -15,9 +15,9 @@ through :class:`MTLSFetcher`, from the roots pinned at enrollment, see
 target against the image repository's: same name, length and hashes, this
 product, this hardware, not older than what is installed. The rest fetches
 what the updater needs for an offer it has accepted: the bundle head (the
-TUF target, checked by length and SHA-256), a payload's chunk index and pack
-offsets (the caller verifies them), and byte ranges of its pack, several per
-request (``multipart/byteranges``).
+TUF target, checked by length and SHA-256), a payload's chunk index (as one
+zstd frame when the hub has it, else raw; the caller verifies the pages),
+and byte ranges of its pack, several per request (``multipart/byteranges``).
 
 Errors, as :mod:`skylift.agent.ports` defines them: transport failures,
 timeouts, 5xx and refusals of the device's request during ``poll`` and
@@ -58,6 +58,7 @@ from skylift.agent.ports import (
     UpdateRefusedError,
 )
 from skylift.agent.reports import MAX_BATCH, Report
+from skylift.chunks import IndexCorruptError, decompress_index
 from skylift.errors import SkyliftError
 from skylift.versions import compare_versions
 
@@ -85,7 +86,7 @@ MAX_HEAD_BYTES = 6 * 1024 * 1024
 #: What the hub answers in one request at most (docs/api.md): 512 ranges, 64 MiB.
 MAX_RANGES_PER_REQUEST = 512
 MAX_RANGE_REQUEST_BYTES = 64 * 1024 * 1024
-#: Default cap on a chunk index or offsets file: a 100 GiB payload in 64 KiB chunks fits.
+#: Default cap on a chunk index, compressed or not: a 100 GiB payload in 64 KiB chunks fits.
 DEFAULT_MAX_RELEASE_FILE_BYTES = 64 * 1024 * 1024
 #: Answers that are only JSON bookkeeping (poll, reports, errors).
 _MAX_SMALL_ANSWER_BYTES = 64 * 1024
@@ -856,22 +857,30 @@ class HubClient:
     def fetch_index(self, offer: Offer, payload: str) -> bytes:
         """The chunk index pages of one payload (the caller verifies them).
 
-        Raises:
-            HubUnreachableError: transport failure, timeout, 5xx.
-            UpdateRefusedError: another status, or larger than the cap.
-        """
-        path = self._release_path(offer, payload, "index")
-        return self._content("chunk index", path, limit=self._max_release_file_bytes)
-
-    def fetch_offsets(self, offer: Offer, payload: str) -> bytes:
-        """The pack offsets of one payload (the caller checks them against the index).
+        ``<payload>.index.zst`` first, the pages as one zstd frame (a fifth
+        of the bytes for an image in 4 KiB blocks); ``<payload>.index`` when
+        the hub has no compressed copy (a release published before it made
+        them). Neither is trusted: the pages are verified by the caller.
 
         Raises:
             HubUnreachableError: transport failure, timeout, 5xx.
-            UpdateRefusedError: another status, or larger than the cap.
+            UpdateRefusedError: another status, larger than the cap (compressed
+                or not), or a compressed index that is not one sound zstd frame.
         """
-        path = self._release_path(offer, payload, "offsets")
-        return self._content("pack offsets", path, limit=self._max_release_file_bytes)
+        limit = self._max_release_file_bytes
+        packed = self._content_answer(
+            "chunk index",
+            self._release_path(offer, payload, "index.zst"),
+            limit=limit,
+            ok=(404,),
+        )
+        if packed.status == 404:
+            path = self._release_path(offer, payload, "index")
+            return self._content("chunk index", path, limit=limit)
+        try:
+            return decompress_index(packed.body, limit)
+        except IndexCorruptError as e:
+            self._refuse(f"chunk index: {e.message}")
 
     def fetch_ranges(
         self, offer: Offer, payload: str, ranges: Sequence[ByteRange]

@@ -16,8 +16,9 @@ for years.
 
 The pack. A bundle file interleaves index pages and chunks, and stores no
 codec byte before a chunk; the hub's pack (``skylift.hub.content``) holds
-each chunk as *codec byte + stored bytes*, back to back, with an offsets
-table of u64 big-endian starts, one per chunk plus the end (docs/api.md).
+each chunk as *codec byte + stored bytes*, back to back, so chunk *i*
+starts at the sum of the sizes of the chunk objects before it
+(:func:`skylift.agent.plan.pack_offsets`).
 :meth:`LocalBundle.check` reads the whole file once, front to back, through
 :func:`skylift.bundle.read_body`, which verifies every index page and every
 chunk; as it goes it keeps, per payload, the index pages (the bytes
@@ -57,7 +58,6 @@ import hashlib
 import logging
 import os
 import stat
-import sys
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -146,12 +146,6 @@ class _PackMap:
         self.codecs.append(codec)
         self.positions.append(position)
         self.offsets.append(self.offsets[-1] + _CODEC_BYTES + stored_length)
-
-    def offsets_table(self) -> bytes:
-        table = array("Q", self.offsets)
-        if sys.byteorder == "little":
-            table.byteswap()
-        return table.tobytes()
 
 
 @dataclass
@@ -291,19 +285,6 @@ class LocalBundle:
         pack = self._pack(offer, payload)
         self._unchanged()
         return bytes(pack.index)
-
-    def fetch_offsets(self, offer: Offer, payload: str) -> bytes:
-        """The payload's pack offsets, as the hub serves ``<payload>.offsets``.
-
-        u64 big-endian, the start of each chunk object in the pack, then the end.
-
-        Raises:
-            UpdateRefusedError: not the offer :meth:`check` made, an unknown payload,
-                or the file changed since.
-        """
-        pack = self._pack(offer, payload)
-        self._unchanged()
-        return pack.offsets_table()
 
     def fetch_ranges(
         self, offer: Offer, payload: str, ranges: Sequence[ByteRange]

@@ -121,14 +121,6 @@ class HubPort(Protocol):
         """
         ...
 
-    def fetch_offsets(self, offer: Offer, payload: str) -> bytes:
-        """The pack offsets of one payload (the caller checks them against the index).
-
-        Raises:
-            HubUnreachableError, UpdateRefusedError: oversized.
-        """
-        ...
-
     def fetch_ranges(
         self, offer: Offer, payload: str, ranges: Sequence[ByteRange]
     ) -> Iterable[tuple[ByteRange, bytes]]:

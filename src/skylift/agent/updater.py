@@ -17,7 +17,7 @@ action           what the updater does
 wait (idle)      deliver queued reports, poll; post CHECK when something changed
 check            ask the hub for an offer; UPDATE_FOUND, NO_UPDATE, or ERROR (refused)
 download         fetch and verify the bundle head, every payload's index pages
-                 (page chain from the manifest) and pack offsets; keep them in
+                 (page chain from the manifest); keep them in
                  ``<state_dir>/update``; post DOWNLOADED
 install          pre-install hook; mark the inactive slot bad; per payload: seed
                  from the active slot, plan, :func:`~skylift.agent.install.apply_plan`
@@ -35,7 +35,7 @@ report           (old slot) on-rollback hook after a rollback; report
 Failures, by family: :class:`~skylift.agent.ports.HubUnreachableError`
 keeps the state and waits with exponential back-off and jitter (downloads
 resume from the install journal); :class:`~skylift.agent.ports.UpdateRefusedError`
-and every other refusal (a head, index or offsets table that does not verify,
+and every other refusal (a head or index that does not verify,
 a bundle for other hardware, a slot too small, disk full, a chunk that
 arrives corrupt twice) end in ``failed`` with the reason, before the
 inactive slot is ever tried: the running system is untouched. Every slot
@@ -103,7 +103,6 @@ from skylift.agent.plan import (
     PlanError,
     PlanTotals,
     make_plan,
-    parse_offsets,
     seed_index,
 )
 from skylift.agent.ports import (
@@ -523,7 +522,6 @@ class _Update:
     manifest: Manifest
     offer: Offer
     entries: dict[str, list[ChunkEntry]] = field(default_factory=dict)
-    offsets: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _slot_env_name(slot_class: str) -> str:
@@ -1018,28 +1016,17 @@ class Updater:
         update = _Update(manifest, offer)
         for payload in manifest.payloads:
             index_path = cache / f"{payload.name}.index"
-            offsets_path = cache / f"{payload.name}.offsets"
             try:
                 entries = verify_index(payload, index_path.read_bytes())
-                offsets = parse_offsets(offsets_path.read_bytes(), entries)
-            except (FileNotFoundError, UpdateRefusedError, PlanError):
+            except (FileNotFoundError, UpdateRefusedError):
                 if not fetch:
                     raise UpdateRefusedError(
                         "the update's verified files are gone from the state dir"
                     ) from None
                 index = self._hub.fetch_index(offer, payload.name)
                 entries = verify_index(payload, index)
-                raw_offsets = self._hub.fetch_offsets(offer, payload.name)
-                try:
-                    offsets = parse_offsets(raw_offsets, entries)
-                except PlanError as e:
-                    raise UpdateRefusedError(
-                        f"payload {payload.name}: {e.message}", hint=e.hint or None
-                    ) from e
                 atomic_write(index_path, index, mode=0o600)
-                atomic_write(offsets_path, raw_offsets, mode=0o600)
             update.entries[payload.name] = entries
-            update.offsets[payload.name] = offsets
         self._update = update
         return update
 
@@ -1204,7 +1191,6 @@ class Updater:
                 )
             plan = make_plan(
                 entries,
-                update.offsets[payload.name],
                 seed,
                 verified=journal.verified,
                 max_gap_bytes=download.max_gap_bytes,
@@ -1254,7 +1240,6 @@ class Updater:
             pair,
             payload,
             update.entries[payload.name],
-            update.offsets[payload.name],
             fetch_ranges=fetch,
             state_dir=self.config.storage.state_dir,
             max_gap_bytes=download.max_gap_bytes,

@@ -17,7 +17,9 @@ from skylift.chunks.index import (
     ChunkEntry,
     IndexBuilder,
     PageChainVerifier,
+    compress_index,
     decode_chunk,
+    decompress_index,
     encode_chunk,
 )
 from skylift.chunks.params import DEFAULT_CDC, MAX_CHUNK_BYTES, ChunkingParams
@@ -36,7 +38,9 @@ __all__ = [
     "IndexCorruptError",
     "IndexTotalsError",
     "PageChainVerifier",
+    "compress_index",
     "decode_chunk",
+    "decompress_index",
     "encode_chunk",
     "iter_chunks",
 ]

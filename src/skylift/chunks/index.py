@@ -41,7 +41,9 @@ __all__ = [
     "IndexBuilder",
     "IndexPage",
     "PageChainVerifier",
+    "compress_index",
     "decode_chunk",
+    "decompress_index",
     "encode_chunk",
     "parse_page_header",
 ]
@@ -88,6 +90,50 @@ def encode_chunk(
     if len(packed) < len(data):
         return CODEC_ZSTD, packed
     return CODEC_NONE, bytes(data)
+
+
+#: zstd level of an index on the wire: its digests do not compress, its repeats do at any level.
+INDEX_ZSTD_LEVEL = 19
+
+
+def compress_index(pages: bytes) -> bytes:
+    """Index pages as one zstd frame that declares its size (what the hub serves as ``.index.zst``).
+
+    An index of small chunks is mostly digests, which do not compress, but
+    the entries of repeated chunks (the empty blocks of a filesystem image)
+    do: 5.38 to 1.07 MB for a 512 MiB ext4 image in 4 KiB blocks.
+    """
+    return zstandard.ZstdCompressor(level=INDEX_ZSTD_LEVEL, write_content_size=True).compress(pages)
+
+
+def decompress_index(data: bytes, limit: int) -> bytes:
+    """The pages in ``data``, one zstd frame that declares a size of at most ``limit``.
+
+    The declared size is checked before anything is allocated, and the frame
+    must decode to exactly that size with nothing after it. The pages are
+    not verified here (:class:`PageChainVerifier` does that).
+
+    Raises:
+        IndexCorruptError: not such a frame.
+    """
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError:
+        raise IndexCorruptError("the compressed index is not a zstd frame") from None
+    if declared < 0:
+        raise IndexCorruptError("the compressed index does not declare its size")
+    if declared > limit:
+        raise IndexCorruptError(f"the compressed index declares {declared} bytes; at most {limit}")
+    frame = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        pages = frame.decompress(data)
+    except zstandard.ZstdError:
+        raise IndexCorruptError("the compressed index is corrupt") from None
+    if len(pages) != declared or not frame.eof or frame.unused_data:
+        raise IndexCorruptError(
+            "the compressed index is not exactly one frame of its declared size"
+        )
+    return pages
 
 
 def decode_chunk(

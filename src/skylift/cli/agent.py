@@ -328,9 +328,6 @@ class _NoHub:
     def fetch_index(self, offer: Offer, payload: str) -> bytes:
         raise HubUnreachableError(_NO_HUB)
 
-    def fetch_offsets(self, offer: Offer, payload: str) -> bytes:
-        raise HubUnreachableError(_NO_HUB)
-
     def fetch_ranges(
         self, offer: Offer, payload: str, ranges: Sequence[ByteRange]
     ) -> Iterable[tuple[ByteRange, bytes]]:

@@ -2,9 +2,10 @@
 
 ``skylift delta plan --seed OLD_IMAGE NEW.bundle`` computes the download an
 agent would make, with the agent's own code: the bundle's chunk index (read
-from the bundle, skipping the chunk bytes), the pack offsets the hub builds
-(``skylift.hub.content``: each chunk as its codec byte and stored bytes, in
-index order), the seed cut with the payload's chunking parameters
+from the bundle, skipping the chunk bytes; counted as the compressed copy the
+hub serves and the agent fetches), the pack layout the hub builds and the
+agent derives (:func:`skylift.agent.plan.pack_offsets`), the seed cut with
+the payload's chunking parameters
 (:func:`skylift.agent.plan.seed_index`) and the install plan with its
 coalesced range requests (:func:`skylift.agent.plan.make_plan`). Nothing is
 written and no network is used.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
@@ -27,7 +27,6 @@ from skylift.agent.plan import (
     DEFAULT_MAX_GAP_BYTES,
     DEFAULT_MAX_RANGE_BYTES,
     DEFAULT_MAX_RANGES_PER_REQUEST,
-    PACK_OBJECT_OVERHEAD,
     InstallPlan,
     Source,
     make_plan,
@@ -45,7 +44,7 @@ from skylift.bundle import (
     read_head,
 )
 from skylift.chunks import ChunkEntry, ChunkError, IndexTotalsError, PageChainVerifier
-from skylift.chunks.index import ENTRY_SIZE, PAGE_HEADER_SIZE, parse_page_header
+from skylift.chunks.index import PAGE_HEADER_SIZE, compress_index, parse_page_header
 from skylift.cli.bundle import KeyOpt, RootOpt, ThresholdOpt
 from skylift.cli.common import err, human_size, out, trusted_keys
 from skylift.errors import UserInputError
@@ -54,8 +53,6 @@ __all__ = ["DeltaPlan", "app", "plan_delta"]
 
 app = typer.Typer(no_args_is_help=True, help="What a device downloads for an update.")
 
-#: Bytes of one entry of the hub's ``.offsets`` table (a u64 per chunk, plus the end).
-_OFFSET_BYTES = 8
 _SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -69,7 +66,7 @@ class DeltaPlan:
     seed_bytes: int
     head_bytes: int
     index_bytes: int
-    offsets_bytes: int
+    index_pages_bytes: int
     plan: InstallPlan
     max_gap_bytes: int
     max_range_bytes: int
@@ -82,8 +79,8 @@ class DeltaPlan:
 
     @property
     def metadata_bytes(self) -> int:
-        """Head (the TUF target), index pages and pack offsets: fetched before any chunk."""
-        return self.head_bytes + self.index_bytes + self.offsets_bytes
+        """Head (the TUF target) and compressed index: fetched before any chunk."""
+        return self.head_bytes + self.index_bytes
 
     @property
     def fetched_object_bytes(self) -> int:
@@ -120,7 +117,7 @@ class DeltaPlan:
                 "ranges": t.download_bytes,
                 "head": self.head_bytes,
                 "index": self.index_bytes,
-                "offsets": self.offsets_bytes,
+                "index_uncompressed": self.index_pages_bytes,
                 "total": t.download_bytes + self.metadata_bytes,
             },
             "requests": t.requests,
@@ -174,8 +171,10 @@ def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
 
 def _read_index(
     f: BinaryIO, payload: PayloadEntry, file_size: int, limits: Limits
-) -> list[ChunkEntry]:
+) -> tuple[list[ChunkEntry], bytes]:
     """Read one payload's index pages from ``f`` (at the payload's start), skipping its chunks.
+
+    Returns the entries and the pages as the hub stores them.
 
     Each page is checked against the chain that starts at the manifest's
     ``first_page_sha256``; chunk bytes are skipped (the plan needs only
@@ -193,6 +192,7 @@ def _read_index(
     )
     max_entries = min(limits.max_entries_per_page, payload.index.entries_per_page)
     entries: list[ChunkEntry] = []
+    raw = bytearray()
     pages = 0
     stored_total = 0
     try:
@@ -201,7 +201,9 @@ def _read_index(
                 raise CorruptIndexError(f"{where}: index has more pages than the manifest declares")
             header = _read_exact(f, PAGE_HEADER_SIZE, f"the index of {where}")
             body_len = parse_page_header(header, max_entries=max_entries)
-            page = chain.accept(header + _read_exact(f, body_len, f"the index of {where}"))
+            page_bytes = header + _read_exact(f, body_len, f"the index of {where}")
+            page = chain.accept(page_bytes)
+            raw += page_bytes
             pages += 1
             stored = sum(e.stored_length for e in page.entries)
             stored_total += stored
@@ -216,15 +218,7 @@ def _read_index(
         raise CorruptIndexError(f"{where}: index has fewer pages than the manifest declares")
     if stored_total != payload.stored_size:
         raise PayloadSizeError(f"{where}: stored size differs from the manifest")
-    return entries
-
-
-def _pack_offsets(entries: Sequence[ChunkEntry]) -> list[int]:
-    """The offsets table the hub builds: each chunk object is its codec byte + stored bytes."""
-    offsets = [0]
-    for e in entries:
-        offsets.append(offsets[-1] + PACK_OBJECT_OVERHEAD + e.stored_length)
-    return offsets
+    return entries, bytes(raw)
 
 
 def plan_delta(
@@ -267,14 +261,13 @@ def plan_delta(
         head_bytes = f.tell() + sum(h.size for h in manifest.hooks)
         f.seek(head_bytes)
         entries: list[ChunkEntry] = []
+        pages = b""
         for p in manifest.payloads[: index_no + 1]:
-            entries = _read_index(f, p, bundle_size, limits)
-    offsets = _pack_offsets(entries)
+            entries, pages = _read_index(f, p, bundle_size, limits)
     with open(seed, "rb") as s:
         seeds = seed_index(s, payload.chunking, payload.size, wanted={e.digest for e in entries})
     plan = make_plan(
         entries,
-        offsets,
         seeds,
         max_gap_bytes=max_gap_bytes,
         max_range_bytes=max_range_bytes,
@@ -286,8 +279,8 @@ def plan_delta(
         verified_by=tuple(head.verified_by),
         seed_bytes=seed_size,
         head_bytes=head_bytes,
-        index_bytes=payload.index.pages * PAGE_HEADER_SIZE + payload.chunks * ENTRY_SIZE,
-        offsets_bytes=(payload.chunks + 1) * _OFFSET_BYTES,
+        index_bytes=len(compress_index(pages)),
+        index_pages_bytes=len(pages),
         plan=plan,
         max_gap_bytes=max_gap_bytes,
         max_range_bytes=max_range_bytes,
@@ -347,7 +340,7 @@ def _print_text(d: DeltaPlan, bundle: Path, seed: Path) -> None:
     download.add_column("bytes", justify="right")
     download.add_column("", justify="right")
     rows = (
-        ("head + index + offsets", d.metadata_bytes),
+        ("head + index (compressed)", d.metadata_bytes),
         (f"pack ranges ({ranges} ranges, gaps included)", t.download_bytes),
         ("total", d.metadata_bytes + t.download_bytes),
     )

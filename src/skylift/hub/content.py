@@ -5,6 +5,7 @@ Layout in the object store:
     chunks/<aa>/<sha256>                  one chunk: codec byte + stored bytes
     releases/<product>/<version>/head     the bundle head (the TUF target)
     releases/<product>/<version>/<payload>.index    its chunk index pages
+    releases/<product>/<version>/<payload>.index.zst  the same, one zstd frame
     releases/<product>/<version>/<payload>.pack     the payload's chunks, in order
     releases/<product>/<version>/<payload>.offsets  u64 start of each chunk in the pack
 
@@ -12,7 +13,10 @@ Chunks are named by the SHA-256 of their content and verified by decoding
 before they are stored, so one upload serves every later release that
 shares them. A pack is immutable and lets a device fetch what it lacks in
 a few HTTP range requests; its offsets table is not signed (a device checks
-each chunk against the signed index), only convenient.
+each chunk against the signed index), only convenient, and agents derive it
+from the index since they no longer fetch it (kept for older agents). The
+compressed index (:func:`skylift.chunks.compress_index`) is what agents
+fetch; they verify the pages they decompress, as ever.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from skylift.chunks import (
     ChunkEntry,
     ChunkError,
     PageChainVerifier,
+    compress_index,
     decode_chunk,
 )
 from skylift.chunks.index import PAGE_HEADER_SIZE, parse_page_header
@@ -174,6 +179,9 @@ class ReleaseContent:
             self._store.put(f"{prefix}{payload.name}.pack", pack)
             self._store.put(f"{prefix}{payload.name}.offsets", offsets)
             self._store.put(f"{prefix}{payload.name}.index", indexes[payload.name])
+            self._store.put(
+                f"{prefix}{payload.name}.index.zst", compress_index(indexes[payload.name])
+            )
         self._store.put(f"{prefix}head", head)
         return IngestedRelease(manifest, head, signed_by, len(needed), stored_total)
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import zstandard
 from sqlalchemy import select
 from tuf.api.metadata import TargetFile
 
@@ -24,6 +25,8 @@ from skylift.agent.machine import State
 from skylift.agent.plan import ByteRange
 from skylift.agent.ports import HubUnreachableError, Offer, UpdateRefusedError
 from skylift.agent.reports import Report
+from skylift.chunks import compress_index
+from skylift.hub.content import version_segment
 from skylift.hub.db.models import DeviceEvent
 from skylift.hub.repositories import Director, ImageRepositories
 
@@ -172,15 +175,49 @@ def test_expired_image_timestamp_is_refused(agent: Agent) -> None:
 # -- content --------------------------------------------------------------------------------------
 
 
-def test_fetches_head_index_and_offsets(agent: Agent) -> None:
+def test_fetches_head_and_index(agent: Agent) -> None:
     agent.assign_release()
     offer = agent.offer()
     assert agent.client.fetch_head(offer) == agent.hub.head
+    # A release published without a compressed index: the raw pages.
     assert agent.client.fetch_index(offer, "rootfs") == b"index pages of 1.0.0"
-    size = len(agent.hub.pack)
-    assert agent.client.fetch_offsets(offer, "rootfs") == (0).to_bytes(8, "big") + size.to_bytes(
-        8, "big"
-    )
+
+
+def _zst_key() -> str:
+    return f"releases/{PRODUCT}/{version_segment(VERSION)}/rootfs.index.zst"
+
+
+def test_fetches_the_compressed_index_when_the_hub_has_one(agent: Agent) -> None:
+    agent.assign_release()
+    offer = agent.offer()
+    pages = b"compressed pages " * 4000
+    packed = compress_index(pages)
+    assert len(packed) < len(pages) // 20
+    agent.hub.ctx.store.put(_zst_key(), packed)
+    assert agent.client.fetch_index(offer, "rootfs") == pages
+
+
+@pytest.mark.parametrize(
+    ("served", "reason"),
+    [
+        (b"index pages, not zstd", "not a zstd frame"),
+        (zstandard.ZstdCompressor(write_content_size=False).compress(b"x" * 100), "declare"),
+        (compress_index(b"x" * 100) + b"junk", "not exactly one frame"),
+        (compress_index(b"x" * 100)[:-6], "not exactly one frame|corrupt"),
+        (compress_index(bytes(4096)), "declares 4096 bytes; at most 1024"),
+    ],
+    ids=["not zstd", "no size", "trailing bytes", "truncated", "over the cap"],
+)
+def test_a_compressed_index_that_is_not_one_bounded_frame_is_refused(
+    agent: Agent, served: bytes, reason: str
+) -> None:
+    agent.assign_release()
+    offer = agent.offer()
+    agent.hub.ctx.store.put(_zst_key(), served)
+    with HubClient(agent.config, max_release_file_bytes=1024) as client:
+        client.check(installed_version=None, allow_downgrade=False)
+        with pytest.raises(UpdateRefusedError, match=f"chunk index: .*({reason})"):
+            client.fetch_index(offer, "rootfs")
 
 
 def test_head_that_is_not_the_signed_one_is_refused(agent: Agent) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from tuf.ngclient import Updater
 
+from skylift.chunks import compress_index
 from skylift.hub import ca
 from skylift.hub.gateway import invalidate
 
@@ -161,6 +162,14 @@ def test_index_and_offsets_are_served(hub: Hub, device: Enrolled) -> None:
     assert offsets.status_code == 200
     assert int.from_bytes(offsets.content[8:], "big") == PACK_BYTES
     assert "immutable" in offsets.headers["cache-control"]
+    # Released before the hub compressed indexes: no .index.zst, a plain 404.
+    assert client.get(f"/releases/{VERSION}/rootfs.index.zst").status_code == 404
+    assert client.get(f"/releases/{VERSION}/rootfs.index.gz").status_code == 404
+    packed = compress_index(b"pages " * 1000)
+    hub.ctx.store.put(f"releases/{PRODUCT}/{VERSION}/rootfs.index.zst", packed)
+    served = client.get(f"/releases/{VERSION}/rootfs.index.zst")
+    assert served.status_code == 200 and served.content == packed
+    assert "immutable" in served.headers["cache-control"]
 
 
 def test_a_device_of_the_other_product_sees_its_own_releases_only(hub: Hub) -> None:

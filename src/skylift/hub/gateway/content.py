@@ -1,6 +1,6 @@
 """Serving what devices download: TUF repository files and release content with ranges.
 
-Release content (``.index``, ``.offsets``, ``.pack``) is immutable once
+Release content (``.index``, ``.index.zst``, ``.offsets``, ``.pack``) is immutable once
 published, so it is served with ``Cache-Control: immutable`` and an ETag
 derived from its object key: any CDN may keep it forever. Large bodies are
 streamed from the object store in bounded reads; several ranges in one
@@ -43,7 +43,7 @@ _OCTETS = "application/octet-stream"
 
 # As the manifest allows them (skylift.bundle.manifest).
 _VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+~_-]{0,63}")
-_RELEASE_FILE = re.compile(r"([a-z0-9][a-z0-9_-]{0,62})\.(index|offsets|pack)")
+_RELEASE_FILE = re.compile(r"([a-z0-9][a-z0-9_-]{0,62})\.(index|index\.zst|offsets|pack)")
 _VERSIONED_METADATA = re.compile(r"metadata/\d+\.[a-z]+\.json")
 
 
