@@ -26,6 +26,15 @@ def test_push_uploads_only_missing_chunks_and_publishes(released: Hub) -> None:
     assert plan[0] and plan[1], (first.stderr, second.stderr)
     assert plan[0].group(1) == plan[0].group(2)  # the first release uploads everything
     assert 0 < int(plan[1].group(1)) < int(plan[1].group(2))  # the second only what changed
+    # ... and says what it skipped: the other chunks, their stored bytes.
+    skips = [
+        re.search(r"skipping (\d+) the hub has, .* \((\d+) bytes\)", p.stderr)
+        for p in (first, second)
+    ]
+    assert skips[0] and skips[1], (first.stderr, second.stderr)
+    assert skips[0].groups() == ("0", "0")
+    assert int(skips[1].group(1)) == int(plan[1].group(2)) - int(plan[1].group(1))
+    assert int(skips[1].group(2)) > 0
     assert "\x1b[" not in first.stderr + second.stderr
     assert first.stdout == second.stdout == ""
     uploaded = [p.stderr.strip().rsplit(", ", 1)[1] for p in (first, second)]

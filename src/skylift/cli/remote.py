@@ -353,9 +353,11 @@ def release_push(
         unique = sorted(set(digests))
         missing = _missing(client, unique)
         total = sum(sizes[d] for d in missing)
+        skipped = sum(sizes[d] for d in unique) - total
         _say(
             f"uploading {len(missing)} of {len(unique)} chunk(s), {human_size(total)}; "
-            f"the hub has the rest"
+            f"skipping {len(unique) - len(missing)} the hub has, {human_size(skipped)} "
+            f"({skipped} bytes)"
         )
         uploaded = _upload(client, bundle, trusted, missing, total) if missing else 0
         meta = f"/products/{p}/image/metadata"
