@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 # the agent's bootloader environments byte for byte; softhsm2, libengine-pkcs11-openssl
 # and opensc (pkcs11-tool) give the agent's PKCS#11 tests a real token; chromium
 # (/usr/bin/chromium) is the browser Playwright drives in the dashboard's tests.
-TEST_DEBS ?= e2fsprogs postgresql libubootenv-tool grub-common softhsm2 \
+TEST_DEBS ?= e2fsprogs postgresql libubootenv-tool grub-common softhsm2 dosfstools erofs-utils squashfs-tools \
 	libengine-pkcs11-openssl opensc chromium
 BENCH_DEBS ?= zstd e2fsprogs
 DEMO_DEBS ?= e2fsprogs

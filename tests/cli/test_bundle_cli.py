@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,40 @@ def test_create_from_a_pipe(skylift: Skylift, tmp_path: Path) -> None:
     assert r.code == 0, r.err
     assert skylift("bundle", "extract", "p.bundle", "--key", "k.pub", "-o", "x").code == 0
     assert (tmp_path / "x/rootfs.img").read_bytes() == data
+
+
+def test_default_chunking_per_payload_type_and_the_override(
+    skylift_fast: SkyliftInProcess, made: Path, tmp_path: Path
+) -> None:
+    """ext4 gets fixed blocks, other data FastCDC 16K (ADR 0005); --chunking still wins."""
+    mkfs = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/sbin:/usr/sbin")
+    if mkfs is None:
+        pytest.skip("mkfs.ext4 is not installed (Debian package e2fsprogs)")
+    with open(tmp_path / "rootfs.ext4", "wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run([mkfs, "-q", "-F", "-b", "4096", str(tmp_path / "rootfs.ext4")], check=True)
+    create = ("bundle", "create", "--product", "p", "--version", "1", "--hardware", "h",
+              "--payload", "rootfs=rootfs.ext4", "--payload", "app=rootfs.img",
+              "--key", "release.key")  # fmt: skip
+    r = skylift_fast(*create, "-o", "default.bundle")
+    assert r.code == 0, r.err
+    assert "  rootfs: ext4, fixed 4K, 2048 chunks" in r.err
+    assert "  app: raw, fastcdc-2020 4K/16K/64K, " in r.err
+    rows = _payload_rows(skylift_fast("bundle", "inspect", "default.bundle"))
+    assert rows["rootfs"][:3] == ["rootfs", "ext4", "8.0 MiB"]
+    assert (rows["rootfs"][5], rows["app"][5]) == ("fixed 4K", "fastcdc-2020 4K/16K/64K")
+    r = skylift_fast(*create, "--chunking", "rootfs=cdc:64K", "--chunking", "app=fixed:8K",
+                     "-o", "chosen.bundle")  # fmt: skip
+    assert r.code == 0, r.err
+    rows = _payload_rows(skylift_fast("bundle", "inspect", "chosen.bundle"))
+    assert (rows["rootfs"][5], rows["app"][5]) == ("fastcdc-2020 16K/64K/256K", "fixed 8K")
+
+
+def _payload_rows(r: Result) -> dict[str, list[str]]:
+    """``inspect``'s payload table: name -> [slot, type, size, stored, chunks, chunking, …]."""
+    assert r.code == 0, r.err
+    cells = [[c.strip() for c in ln.split("│")[1:-1]] for ln in r.out.splitlines() if "│" in ln]
+    return {row[0]: row[1:] for row in cells if len(row) == 8 and row[0] != "name"}
 
 
 def _flip(path: Path, where: float) -> Path:

@@ -33,7 +33,13 @@ from skylift.bundle.reader import (
     read_head,
 )
 from skylift.bundle.signature import TrustedKeys
-from skylift.bundle.writer import HookSource, PayloadSource, detect_payload_type, write_bundle
+from skylift.bundle.writer import (
+    HookSource,
+    PayloadSource,
+    default_chunking,
+    detect_payload_type,
+    write_bundle,
+)
 
 __all__ = [
     "HOOK_PHASES",
@@ -65,6 +71,7 @@ __all__ = [
     "UnsafePayloadNameError",
     "UnsupportedFormatError",
     "check_name",
+    "default_chunking",
     "detect_payload_type",
     "read_body",
     "read_head",

@@ -128,5 +128,7 @@ def _kib(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else f"{n}B"
 
 
-#: About 64 KiB chunks on average, as DESIGN.md sets for the default.
+#: FastCDC 16K/64K/256K (``--chunking NAME=cdc:64K``): ADR 0002's default for every
+#: payload until ADR 0005 made the writer pick one per payload type
+#: (``skylift.bundle.default_chunking``). Tests of the chunker and planner still use it.
 DEFAULT_CDC = ChunkingParams("fastcdc-2020", 65536, 16384, 262144, 1, 0)

@@ -105,7 +105,15 @@ def create(
     ] = None,
     chunking: Annotated[
         list[str] | None,
-        typer.Option("--chunking", help="NAME=cdc:64K or NAME=fixed:4K for one payload."),
+        typer.Option(
+            "--chunking",
+            help=(
+                "NAME=cdc:SIZE or NAME=fixed:SIZE for one payload (repeat). Default by "
+                "payload type: ext4 and erofs fixed blocks of the filesystem's block size, "
+                "vfat of its cluster size (4K unless the data area is cluster-aligned), "
+                "never under 4K; squashfs, tar and anything else cdc:16K (ADR 0005)."
+            ),
+        ),
     ] = None,
     compression_level: Annotated[int, typer.Option(help="zstd level per chunk.")] = 3,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="Threads (default: CPUs).")] = 0,
@@ -186,6 +194,8 @@ def create(
         f"{len(manifest.payloads)} payload(s), {human_size(manifest.total_size)} -> "
         f"{human_size(size)}"
     )
+    for p in manifest.payloads:
+        err.print(f"  {p.name}: {p.type}, {p.chunking.describe()}, {p.chunks} chunks")
 
 
 def _open_verified(
