@@ -103,9 +103,12 @@ def _where(filename: str, lineno: int) -> str:
     return f"{filename}:{lineno}"
 
 
-def verified_entries(payload: Any, data: bytes) -> list[Any]:
-    """The chunk entries of ``payload``'s index pages, each page verified by the chain."""
-    from skylift.chunks import PageChainVerifier
+def verified_entries(payload: Any, data: bytes) -> Any:
+    """The chunk entries of ``payload``'s index pages, each page verified by the chain.
+
+    Packed, as the updater's ``verify_index`` keeps them.
+    """
+    from skylift.chunks import PackedEntries, PageChainVerifier
     from skylift.chunks.index import ENTRY_SIZE, PAGE_HEADER_SIZE, parse_page_header
 
     per_page = PAGE_HEADER_SIZE + payload.index.entries_per_page * ENTRY_SIZE
@@ -117,7 +120,7 @@ def verified_entries(payload: Any, data: bytes) -> list[Any]:
         payload_length=payload.size,
         max_chunk_bytes=payload.chunking.max_size,
     )
-    entries: list[Any] = []
+    entries = PackedEntries()
     pos = 0
     while not chain.done:
         body = parse_page_header(
@@ -125,7 +128,7 @@ def verified_entries(payload: Any, data: bytes) -> list[Any]:
         )
         page = data[pos : pos + PAGE_HEADER_SIZE + body]
         pos += len(page)
-        entries += chain.accept(page).entries
+        entries.extend(chain.accept(page).entries)
     if pos != len(data):
         raise SystemExit(f"the index of {payload.name} has trailing bytes")
     return entries
@@ -190,7 +193,7 @@ def _install(args: argparse.Namespace, peaks: _Peaks) -> dict[str, Any]:
                 SlotReader(seed_dev),
                 payload.chunking,
                 payload.size,
-                wanted={e.digest for e in entries},
+                wanted=entries.digest_set(),
             )
         lap("seed index")
         download = config.download

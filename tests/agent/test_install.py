@@ -19,12 +19,13 @@ from skylift.agent.install import (
     Progress,
     SlotVerifyError,
     apply_plan,
+    zero_digests,
 )
 from skylift.agent.journal import InstallJournal, install_id
 from skylift.agent.plan import ByteRange, InstallPlan, Source, make_plan, seed_index
 from skylift.agent.slots import SlotDevice, open_for_install, open_for_reading
 from skylift.bundle import ChunkData, PayloadEntry, TrustedKeys, read_body, read_head
-from skylift.chunks import ChunkEntry, ChunkingParams
+from skylift.chunks import ChunkEntry, ChunkingParams, PackedEntries
 from skylift.trust.keys import generate_private_key, signer_for
 
 PARAMS = ChunkingParams.cdc(8 * 1024)
@@ -347,3 +348,52 @@ def test_zero_chunks_are_written_without_reading_and_checked_on_read_back(
             )
     finally:
         inner.close()
+
+
+def _zero_digests_by_set(entries: list[ChunkEntry]) -> frozenset[bytes]:
+    """The rule zero_digests keeps: the zero digests of the lengths of repeated digests."""
+    seen: set[bytes] = set()
+    lengths: set[int] = set()
+    for e in entries:
+        if e.digest in seen:
+            lengths.add(e.length)
+        seen.add(e.digest)
+    return frozenset(hashlib.sha256(bytes(n)).digest() for n in lengths)
+
+
+def _entry(length: int, digest: bytes) -> ChunkEntry:
+    return ChunkEntry(0, length, length, 0, digest)
+
+
+def _zero(n: int) -> bytes:
+    return hashlib.sha256(bytes(n)).digest()
+
+
+# Digests alike in their first 8 bytes meet in zero_digests' bitmap without repeating.
+_ALIKE = [bytes(8) + bytes([i]) * 24 for i in range(1, 4)]
+
+ZERO_CASES = [
+    ("nothing", []),
+    ("a zero chunk once is no candidate", [_entry(100, _zero(100))]),
+    ("zeros repeated", [_entry(100, _zero(100)), _entry(7, b"x" * 32), _entry(100, _zero(100))]),
+    ("two lengths", [_entry(n, _zero(n)) for n in (100, 200, 100, 300, 200)]),
+    ("another chunk repeated", [_entry(50, b"y" * 32), _entry(50, b"y" * 32)]),
+    ("alike, never repeated", [_entry(10 * (i + 1), d) for i, d in enumerate(_ALIKE)]),
+    (
+        "alike, one repeated",
+        [_entry(10, _ALIKE[0]), _entry(20, _ALIKE[1]), _entry(30, _ALIKE[1])],
+    ),
+    (
+        "an ext4-like image",
+        [_entry(4096, _zero(4096) if i % 4 else bytes([i % 251]) * 32) for i in range(3000)],
+    ),
+]
+
+
+@pytest.mark.parametrize("entries", [c[1] for c in ZERO_CASES], ids=[c[0] for c in ZERO_CASES])
+def test_zero_digests_are_those_of_the_lengths_of_repeated_digests(
+    entries: list[ChunkEntry],
+) -> None:
+    expected = _zero_digests_by_set(entries)
+    assert zero_digests(entries) == expected
+    assert zero_digests(PackedEntries(entries)) == expected

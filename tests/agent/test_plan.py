@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import hashlib
 import io
+import random
 from dataclasses import replace
 
 import pytest
 
-from bundle.conftest import realistic_payload  # tests/ is on sys.path under pytest
+from bundle.conftest import build, realistic_payload  # tests/ is on sys.path under pytest
+from skylift.agent.journal import OrdinalRanges
 from skylift.agent.plan import (
     ByteRange,
+    ChunkStep,
     FetchRequest,
     PlanError,
+    PlanSteps,
     Source,
     coalesce,
     make_plan,
     pack_offsets,
     seed_index,
 )
-from skylift.chunks import DEFAULT_CDC, ChunkEntry, ChunkingParams, iter_chunks
+from skylift.agent.updater import verify_index
+from skylift.bundle import ChunkData, IndexPageData, PayloadEntry, TrustedKeys, read_body, read_head
+from skylift.chunks import DEFAULT_CDC, ChunkEntry, ChunkingParams, PackedEntries, iter_chunks
+from skylift.trust.keys import generate_private_key, signer_for
 
 PARAMS = ChunkingParams.cdc(16 * 1024)
 
@@ -178,3 +185,140 @@ def test_pack_offsets_are_the_running_sum_of_the_chunk_objects() -> None:
     assert list(pack_offsets([])) == [0]
     plan = make_plan(squeezed, {})
     assert [s.pack_range.start for s in plan.steps] == list(got[:-1])
+
+
+# -- the packed plan gives what the list form gave ----------------------------------------
+
+
+def _list_form_steps(
+    entries: list[ChunkEntry], seed: dict[bytes, tuple[int, int]], skipped: set[int]
+) -> list[ChunkStep]:
+    """The steps as make_plan built them, one object each, before the plan was packed."""
+    offsets = [0]
+    for e in entries:
+        offsets.append(offsets[-1] + 1 + e.stored_length)
+    steps: list[ChunkStep] = []
+    first_in_target: dict[bytes, int] = {}
+    for i, e in enumerate(entries):
+        pack = ByteRange(offsets[i], offsets[i + 1])
+        if i in skipped:
+            first_in_target.setdefault(e.digest, e.offset)
+            continue
+        hit = seed.get(e.digest)
+        if hit is not None and hit[1] == e.length:
+            steps.append(ChunkStep(i, e, Source.SEED, hit[0], pack))
+        elif e.digest in first_in_target:
+            steps.append(ChunkStep(i, e, Source.TARGET, first_in_target[e.digest], pack))
+        else:
+            steps.append(ChunkStep(i, e, Source.PACK, 0, pack))
+            first_in_target[e.digest] = e.offset
+    return steps
+
+
+# v2, plus content v1 lacks, twice (copied within the target), and zeros.
+NEW = random.Random(99).randbytes(120_000)
+V3 = V2[:500_000] + NEW + V2[500_000:1_200_000] + NEW + bytes(50_000) + V2[1_200_000:]
+
+
+@pytest.fixture(scope="module")
+def real_v3() -> tuple[PayloadEntry, list[ChunkEntry], bytes]:
+    """A real bundle of V3: its payload, its entries (from the chunks) and its index pages."""
+    signer = signer_for(generate_private_key())
+    stream = io.BytesIO(build([signer], {"rootfs": V3}, chunking=PARAMS))
+    head = read_head(stream)
+    head.verify(TrustedKeys((signer.public_key,)))
+    entries: list[ChunkEntry] = []
+    pages: list[bytes] = []
+    for ev in read_body(stream, head):
+        if isinstance(ev, ChunkData):
+            entries.append(ev.entry)
+        elif isinstance(ev, IndexPageData):
+            pages.append(ev.page)
+    return head.manifest.payloads[0], entries, b"".join(pages)
+
+
+def test_the_updaters_index_is_packed_and_holds_the_bundles_entries(
+    real_v3: tuple[PayloadEntry, list[ChunkEntry], bytes],
+) -> None:
+    payload, entries, pages = real_v3
+    packed = verify_index(payload, pages)
+    assert isinstance(packed, PackedEntries)
+    assert list(packed) == entries
+    assert packed == PackedEntries(entries)
+    assert packed.digest_set() == {e.digest for e in entries}
+    assert pack_offsets(packed) == pack_offsets(entries)
+
+
+def test_packed_steps_are_the_steps_of_the_list_form(
+    real_v3: tuple[PayloadEntry, list[ChunkEntry], bytes],
+) -> None:
+    payload, entries, pages = real_v3
+    seed = seed_index(io.BytesIO(V1), PARAMS, len(V1))
+    skipped = {3, 4, 5, len(entries) - 1, *range(20, len(entries), 9)}
+    expected = _list_form_steps(entries, seed, skipped)
+    # A case where a field mixed up would show: every source; ordinals that are not
+    # positions; seed offsets that are not target offsets; pack ranges of compressed chunks.
+    assert {s.source for s in expected} == set(Source)
+    assert any(s.ordinal != k for k, s in enumerate(expected))
+    assert any(s.source is Source.SEED and s.source_offset != s.entry.offset for s in expected)
+    assert any(
+        s.source is Source.TARGET and s.source_offset not in (0, s.entry.offset) for s in expected
+    )
+    assert any(s.entry.stored_length != s.entry.length for s in expected)
+
+    verified = OrdinalRanges((i, i + 1) for i in skipped)  # as the journal hands it over
+    for index in (verify_index(payload, pages), entries):
+        plan = make_plan(index, seed, verified=verified)
+        steps = plan.steps
+        assert isinstance(steps, PlanSteps)
+        assert len(steps) == len(expected)
+        assert [(s.ordinal, s.source, s.source_offset, s.pack_range, s.entry) for s in steps] == [
+            (s.ordinal, s.source, s.source_offset, s.pack_range, s.entry) for s in expected
+        ]
+        assert list(steps) == expected
+        assert [steps[k] for k in range(len(expected))] == expected
+        assert [steps[-k] for k in range(1, len(expected) + 1)] == expected[::-1]
+        for part in (slice(2, 30), slice(-10, None), slice(None, None, -3), slice(5, 5)):
+            assert list(steps[part]) == expected[part]
+        with pytest.raises(IndexError):
+            steps[len(expected)]
+        with pytest.raises(IndexError):
+            steps[-len(expected) - 1]
+        for source in Source:
+            chosen = [s for s in expected if s.source is source]
+            assert plan.steps_from(source) == chosen
+            assert list(steps.iter_from(source)) == chosen
+            assert list(steps.select(source)) == chosen
+        some_seeds = [s for s in expected if s.source is Source.SEED][::4]
+        assert list(steps.select(Source.PACK, also=some_seeds)) == [
+            s for s in expected if s.source is Source.PACK or s in some_seeds
+        ]
+        for k in (0, 7, len(expected) - 1):
+            assert steps.index(expected[k]) == k
+            assert expected[k] in steps
+        moved = replace(expected[7], source_offset=expected[7].source_offset + 1)
+        assert moved not in steps
+        assert steps.pack_starts().tolist() == [s.pack_range.start for s in expected]
+        assert list(plan.entries) == entries
+        assert plan.size == len(V3)
+        assert plan.skipped is verified
+
+        t = plan.totals
+        by = {src: [s.entry.length for s in expected if s.source is src] for src in Source}
+        assert (t.seed_chunks, t.seed_bytes) == (len(by[Source.SEED]), sum(by[Source.SEED]))
+        assert (t.target_copy_chunks, t.target_copy_bytes) == (
+            len(by[Source.TARGET]),
+            sum(by[Source.TARGET]),
+        )
+        assert (t.fetch_chunks, t.fetch_bytes) == (len(by[Source.PACK]), sum(by[Source.PACK]))
+        assert (t.skipped_chunks, t.skipped_bytes) == (
+            len(skipped),
+            sum(entries[i].length for i in skipped),
+        )
+        assert t.chunks == len(entries)
+        assert t.target_bytes == len(V3)
+        requests = coalesce([s.pack_range for s in expected if s.source is Source.PACK])
+        assert list(plan.requests) == requests
+        assert t.requests == len(requests)
+        assert t.download_bytes == sum(r.length for q in requests for r in q.ranges)
+    assert make_plan(entries, seed).steps == make_plan(PackedEntries(entries), seed).steps

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import random
 
 import pytest
 import zstandard
 
+from bundle.conftest import realistic_payload  # tests/ is on sys.path under pytest
 from skylift.chunks import (
     CODEC_NONE,
     CODEC_ZSTD,
     ChunkDataError,
     ChunkEntry,
+    ChunkingParams,
     IndexBuilder,
     IndexCorruptError,
     IndexTotalsError,
+    PackedEntries,
     PageChainVerifier,
     decode_chunk,
     encode_chunk,
+    iter_chunks,
 )
 from skylift.chunks.index import PAGE_HEADER_SIZE, parse_page_header
 
@@ -188,3 +194,128 @@ def test_decode_refuses_a_wrong_digest(zstd_pair) -> None:  # type: ignore[no-un
     entry = ChunkEntry(0, 1000, 1000, CODEC_NONE, hashlib.sha256(data + b"x").digest())
     with pytest.raises(ChunkDataError, match="digest mismatch"):
         decode_chunk(entry, data, d)
+
+
+# -- PackedEntries: the agent's form of a verified index ---------------------------------
+
+
+def _real_index() -> tuple[IndexBuilder, list[bytes]]:
+    """An index as the bundle writer makes it: CDC chunks, zstd where it helps, a repeat."""
+    image = realistic_payload(300_000, seed=3)
+    noise = random.Random(5).randbytes(40_000)  # stored raw
+    image = image + noise + bytes(64 * 1024) + image[:50_000]  # zeros, chunks seen before
+    compressor = zstandard.ZstdCompressor(level=3)
+    b = IndexBuilder(entries_per_page=16)
+    for chunk in iter_chunks(io.BytesIO(image), ChunkingParams.cdc(4096)):
+        codec, stored = encode_chunk(chunk, compressor)
+        b.add(len(chunk), codec, hashlib.sha256(chunk).digest(), stored)
+    return b, b.pages()
+
+
+def _fields(e: ChunkEntry) -> tuple[int, int, int, int, bytes]:
+    return e.offset, e.length, e.stored_length, e.codec, e.digest
+
+
+def test_packed_entries_yield_what_the_list_of_a_real_index_holds() -> None:
+    b, pages = _real_index()
+    listed = _verify_all(b, pages)
+    v = PageChainVerifier(
+        IndexBuilder.first_digest(pages), chunks=b.count, payload_length=b.payload_length
+    )
+    packed = PackedEntries()
+    for page in pages:
+        packed.extend(v.accept(page).entries)
+    # The case is one where mixing up two fields would show.
+    assert len(listed) > 20
+    assert {e.codec for e in listed} == {CODEC_NONE, CODEC_ZSTD}
+    assert any(e.stored_length != e.length for e in listed)
+    assert len({e.digest for e in listed}) < len(listed)
+
+    assert len(packed) == len(listed)
+    assert list(packed) == listed
+    assert [packed[i] for i in range(len(listed))] == listed
+    assert [packed[-i] for i in range(1, len(listed) + 1)] == listed[::-1]
+    assert list(packed.iter_fields()) == [_fields(e) for e in listed]
+    for i, e in enumerate(listed):
+        j = i - len(listed) if i % 2 else i  # negative indices too
+        got = (
+            packed.offset(j),
+            packed.length(j),
+            packed.stored_length(j),
+            packed.codec(j),
+            packed.digest(j),
+        )
+        assert got == _fields(e)
+    assert packed.digest_set() == {e.digest for e in listed}
+    assert packed.total_length() == b.payload_length
+    assert PackedEntries(listed) == packed
+    assert PackedEntries(listed[:-1]) != packed
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        slice(None),
+        slice(3, 17),
+        slice(-5, None),
+        slice(None, -7),
+        slice(2, 40, 3),
+        slice(None, None, -1),
+        slice(30, 4, -4),
+        slice(10, 3),
+        slice(500, 900),
+    ],
+)
+def test_packed_entries_slice_as_a_list_does(part: slice) -> None:
+    b, pages = _real_index()
+    listed = _verify_all(b, pages)
+    packed = PackedEntries(listed)
+    cut = packed[part]
+    assert isinstance(cut, PackedEntries)
+    assert list(cut) == listed[part]
+    assert [cut.digest(i) for i in range(len(cut))] == [e.digest for e in listed[part]]
+
+
+def test_packed_entries_bounds_are_index_errors() -> None:
+    listed = list(_builder(5).entries())
+    packed = PackedEntries(listed)
+    for i in (5, 6, -6, 1 << 70):
+        with pytest.raises(IndexError):
+            packed[i]
+        for accessor in (packed.offset, packed.length, packed.stored_length, packed.codec):
+            with pytest.raises(IndexError):
+                accessor(i)
+        with pytest.raises(IndexError):
+            packed.digest(i)
+    assert packed[-5] == listed[0]
+    empty = PackedEntries()
+    assert len(empty) == 0
+    assert list(empty) == []
+    assert empty.total_length() == 0
+    assert empty.digest_set() == set()
+    with pytest.raises(IndexError):
+        empty[0]
+    with pytest.raises(TypeError):
+        packed["1"]  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (ChunkEntry(0, 10, 10, CODEC_NONE, bytes(31)), ValueError),
+        (ChunkEntry(-1, 10, 10, CODEC_NONE, bytes(32)), OverflowError),
+        (ChunkEntry(1 << 64, 10, 10, CODEC_NONE, bytes(32)), OverflowError),
+        (ChunkEntry(0, 1 << 32, 10, CODEC_NONE, bytes(32)), OverflowError),
+        (ChunkEntry(0, 10, 1 << 32, CODEC_NONE, bytes(32)), OverflowError),
+        (ChunkEntry(0, 10, 10, 256, bytes(32)), ValueError),
+    ],
+)
+def test_packed_entries_refuse_what_does_not_fit_and_stay_whole(
+    bad: ChunkEntry, error: type[Exception]
+) -> None:
+    listed = list(_builder(3).entries())
+    packed = PackedEntries(listed)
+    with pytest.raises(error):
+        packed.append(bad)
+    packed.append(listed[0])  # the columns still line up
+    assert list(packed) == [*listed, listed[0]]

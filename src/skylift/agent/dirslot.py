@@ -70,7 +70,7 @@ from skylift.agent.plan import (
 )
 from skylift.agent.slots import SlotDevice, SlotError, SlotPair, SlotReader
 from skylift.bundle import PayloadEntry
-from skylift.chunks import ChunkEntry
+from skylift.chunks import ChunkEntry, PackedEntries
 
 __all__ = [
     "DirectoryInstall",
@@ -875,10 +875,11 @@ def stream_plan(
     def fill(first: int, also: ChunkStep | None = None) -> None:
         batch = [also] if also is not None else []
         stored = plain = 0
-        for s in steps[first:]:
+        for k in range(first, len(steps)):  # not steps[first:]: a copy of the rest each time
             if stored >= max_range_bytes or plain >= 2 * max_range_bytes:
                 break
-            if needs_pack(s) and s.ordinal not in ready and s is not also:
+            s = steps[k]
+            if needs_pack(s) and s.ordinal not in ready and (also is None or k != first):
                 batch.append(s)
                 stored += s.pack_range.length
                 plain += s.entry.length
@@ -970,14 +971,14 @@ def install_directory(
         )
     seed = open_seed(state_dir, pair.active)
     try:
-        wanted = {e.digest for e in entries}
+        packed = entries if isinstance(entries, PackedEntries) else PackedEntries(entries)
         found = (
-            seed_index(SlotReader(seed), payload.chunking, payload.size, wanted=wanted)
+            seed_index(SlotReader(seed), payload.chunking, payload.size, wanted=packed.digest_set())
             if seed is not None
             else {}
         )
         plan = make_plan(
-            entries,
+            packed,
             found,
             max_gap_bytes=max_gap_bytes,
             max_ranges_per_request=max_ranges_per_request,

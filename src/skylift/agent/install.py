@@ -10,7 +10,10 @@ the caller make the slot bootable.
 
 Memory stays bounded whatever the image size: one fetched range (at most
 ``max_range_bytes`` of the plan, or one chunk object) and one decoded chunk
-at a time; the image is never held whole.
+at a time; the image is never held whole. What grows with the number of
+chunks stays packed as the plan is: steps are built as they are visited,
+the fetched ones are found by their pack offsets (8 bytes each), and a
+chunk received is one byte of a bytearray (ADR 0005, "Agent memory").
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import contextlib
 import functools
 import hashlib
 import os
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from array import array
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -34,11 +38,12 @@ from skylift.agent.plan import (
     ChunkStep,
     FetchRequest,
     InstallPlan,
+    PlanSteps,
     Source,
     coalesce,
 )
 from skylift.agent.slots import SlotDevice
-from skylift.chunks import ChunkDataError, ChunkEntry, decode_chunk
+from skylift.chunks import ChunkDataError, ChunkEntry, PackedEntries, decode_chunk
 from skylift.errors import SkyliftError
 
 __all__ = [
@@ -135,21 +140,20 @@ def _apply(
     max_gap_bytes: int,
 ) -> InstallResult:
     try:
-        stale = run.copy(plan.steps_from(Source.SEED), seed)
-        fetch_steps = plan.steps_from(Source.PACK) + stale
+        stale = run.copy(plan.steps.iter_from(Source.SEED), seed)
         requests = list(plan.requests)
         if stale:
             requests += coalesce([s.pack_range for s in stale], max_gap_bytes=max_gap_bytes)
-        run.fetch(requests, fetch_steps)
-        run.copy(plan.steps_from(Source.TARGET), run.slot)
+        run.fetch(requests, plan.steps.select(Source.PACK, also=stale))
+        run.copy(plan.steps.iter_from(Source.TARGET), run.slot)
     except BaseException:
         run.checkpoint_quietly()
         raise
     run.checkpoint()
     verified = run.verify(payload_sha256)
     return InstallResult(
-        seed_chunks=len(plan.steps_from(Source.SEED)) - len(stale),
-        target_copy_chunks=len(plan.steps_from(Source.TARGET)),
+        seed_chunks=plan.totals.seed_chunks - len(stale),
+        target_copy_chunks=plan.totals.target_copy_chunks,
         fetched_chunks=run.fetched,
         stale_seed_chunks=len(stale),
         downloaded_bytes=run.downloaded,
@@ -207,7 +211,7 @@ class _Run:
         with contextlib.suppress(SkyliftError, OSError):
             self.checkpoint()
 
-    def copy(self, steps: Sequence[ChunkStep], source: SlotDevice | None) -> list[ChunkStep]:
+    def copy(self, steps: Iterable[ChunkStep], source: SlotDevice | None) -> list[ChunkStep]:
         """Copy chunks from ``source``; return those whose bytes there are not the chunk.
 
         Neighbouring chunks that are neighbours in the source too are read and
@@ -246,7 +250,7 @@ class _Run:
             self.progress("copy")
             if self.unsynced >= _CHECKPOINT_BYTES:
                 self.checkpoint()
-        if stale and steps and steps[0].source is Source.TARGET:
+        if stale and stale[0].source is Source.TARGET:
             # An earlier chunk of this very install was verified when written: if it
             # is wrong now, the slot is failing.
             raise SlotVerifyError(
@@ -266,19 +270,21 @@ class _Run:
         self.done += length
         self.unsynced += length
 
-    def fetch(self, requests: Sequence[FetchRequest], steps: Sequence[ChunkStep]) -> None:
-        by_start = {s.pack_range.start: s for s in steps}
-        starts = sorted(by_start)
-        received: set[int] = set()
+    def fetch(self, requests: Sequence[FetchRequest], steps: PlanSteps) -> None:
+        starts = steps.pack_starts()
+        by_start = _ByStart(starts, steps)
+        received = bytearray(len(self.plan.entries))  # by ordinal
+        count = 0
         for request in requests:
             for rng, data in answered(self.fetch_ranges, request):
                 # Decoded one chunk at a time, here: decoding on the worker threads was
                 # barely faster and grew the peak RSS by their malloc arenas (bench).
                 for step, stored in chunks_in(rng, data, starts, by_start):
-                    if step.ordinal in received:
+                    if received[step.ordinal]:
                         continue  # fetched again inside the gap of a later range
                     self.write(step, decode_object(step.entry, stored, self.decompressor))
-                    received.add(step.ordinal)
+                    received[step.ordinal] = 1
+                    count += 1
                     self.fetched += 1
                 self.downloaded += len(data)
                 self.progress("fetch")
@@ -286,7 +292,7 @@ class _Run:
                 # A power cut costs at most this much fetched again.
                 if self.unsynced >= _CHECKPOINT_BYTES:
                     self.checkpoint()
-        missing = len(steps) - len(received)
+        missing = len(steps) - count
         if missing:
             raise InstallError(f"{missing} chunk(s) were never received")
 
@@ -394,15 +400,37 @@ def zero_digests(entries: Sequence[ChunkEntry]) -> frozenset[bytes]:
     """The digests among ``entries`` that name a chunk of zeros.
 
     Only repeated digests are candidates (free space is many equal chunks of
-    zeros), so only a few distinct lengths are hashed.
+    zeros), so only a few distinct lengths are hashed. Repeats are found
+    without a set of every digest (about 100 bytes a distinct chunk): a
+    bitmap of the digests' first bytes, 16 to 32 bits a chunk and held only
+    here, says which digests may repeat, and those few are then checked
+    exactly.
     """
+    bits = 1 << max(6, (16 * len(entries)).bit_length())
+    mask = bits - 1
+    marks = bytearray(bits // 8)
+    maybe: set[int] = set()  # bitmap positions met more than once
+    for _, digest in _lengths_and_digests(entries):
+        h = int.from_bytes(digest[:8], "little") & mask
+        if marks[h >> 3] & (1 << (h & 7)):
+            maybe.add(h)
+        else:
+            marks[h >> 3] |= 1 << (h & 7)
+    del marks
     seen: set[bytes] = set()
     lengths: set[int] = set()
-    for e in entries:
-        if e.digest in seen:
-            lengths.add(e.length)
-        seen.add(e.digest)
+    for length, digest in _lengths_and_digests(entries):
+        if (int.from_bytes(digest[:8], "little") & mask) in maybe:
+            if digest in seen:
+                lengths.add(length)
+            seen.add(digest)
     return frozenset(hashlib.sha256(bytes(n)).digest() for n in lengths)
+
+
+def _lengths_and_digests(entries: Sequence[ChunkEntry]) -> Iterator[tuple[int, bytes]]:
+    if isinstance(entries, PackedEntries):
+        return ((f[1], f[4]) for f in entries.iter_fields())
+    return ((e.length, e.digest) for e in entries)
 
 
 @functools.lru_cache(maxsize=4)
@@ -410,7 +438,7 @@ def _zeros(length: int) -> bytes:
     return bytes(length)
 
 
-def _runs(steps: Sequence[ChunkStep], zeros: Collection[bytes]) -> Iterator[list[ChunkStep]]:
+def _runs(steps: Iterable[ChunkStep], zeros: Collection[bytes]) -> Iterator[list[ChunkStep]]:
     """Steps in groups that are neighbours in the target and in their source (1 MiB at most).
 
     Chunks of zeros go in groups of their own (they are written, not read).
@@ -439,28 +467,49 @@ def _runs(steps: Sequence[ChunkStep], zeros: Collection[bytes]) -> Iterator[list
         yield run
 
 
-def _verify_runs(entries: Sequence[ChunkEntry]) -> Iterator[Sequence[ChunkEntry]]:
+def _verify_runs(entries: PackedEntries) -> Iterator[PackedEntries]:
     """Neighbouring entries in groups of at most 1 MiB (a larger chunk alone)."""
     start = 0
     size = 0
-    for i, e in enumerate(entries):
-        neighbour = i > start and e.offset == entries[i - 1].offset + entries[i - 1].length
-        if i > start and (not neighbour or size + e.length > _RUN_BYTES):
+    end = 0  # where the previous entry ends
+    for i, (offset, length, *_) in enumerate(entries.iter_fields()):
+        if i > start and (offset != end or size + length > _RUN_BYTES):
             yield entries[start:i]
             start, size = i, 0
-        size += e.length
+        size += length
+        end = offset + length
     if start < len(entries):
         yield entries[start:]
 
 
-def _covers(entries: Sequence[ChunkEntry], size: int) -> bool:
+def _covers(entries: PackedEntries, size: int) -> bool:
     """The entries tile ``[0, size)`` in order, without gaps or overlaps."""
     pos = 0
-    for e in entries:
-        if e.offset != pos:
+    for offset, length, *_ in entries.iter_fields():
+        if offset != pos:
             return False
-        pos += e.length
+        pos += length
     return pos == size
+
+
+class _ByStart(Mapping[int, ChunkStep]):
+    """``steps`` by where their chunk objects start in the pack (``starts``, ascending)."""
+
+    def __init__(self, starts: array[int], steps: Sequence[ChunkStep]) -> None:
+        self._starts = starts
+        self._steps = steps
+
+    def __getitem__(self, start: int) -> ChunkStep:
+        k = bisect.bisect_left(self._starts, start)
+        if k == len(self._starts) or self._starts[k] != start:
+            raise KeyError(start)
+        return self._steps[k]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._starts)
+
+    def __len__(self) -> int:
+        return len(self._starts)
 
 
 def answered(fetch_ranges: FetchRanges, request: FetchRequest) -> Iterator[tuple[ByteRange, bytes]]:
@@ -506,7 +555,7 @@ def decode_object(
 
 
 def chunks_in(
-    rng: ByteRange, data: bytes, starts: list[int], by_start: dict[int, ChunkStep]
+    rng: ByteRange, data: bytes, starts: Sequence[int], by_start: Mapping[int, ChunkStep]
 ) -> Iterator[tuple[ChunkStep, memoryview]]:
     """The wanted chunk objects inside one fetched range (gap bytes are skipped)."""
     view = memoryview(data)

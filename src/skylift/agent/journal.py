@@ -27,6 +27,7 @@ import hashlib
 import os
 import struct
 import zlib
+from array import array
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -72,12 +73,14 @@ class OrdinalRanges:
     """A set of chunk ordinals kept as sorted, disjoint ``[start, end)`` ranges.
 
     A ``Collection[int]``: ``in``, ``len`` and iteration, in memory
-    proportional to the number of gaps, not of chunks.
+    proportional to the number of gaps, not of chunks: 16 bytes a range, in
+    arrays (a full journal of 1 MiB is 52 000 ranges: 0.8 MiB here, 4 MiB
+    as lists of ints).
     """
 
     def __init__(self, spans: Iterable[tuple[int, int]] = ()) -> None:
-        self._starts: list[int] = []
-        self._ends: list[int] = []
+        self._starts = array("Q")
+        self._ends = array("Q")
         self._count = 0
         for start, end in spans:
             self.add_span(start, end)
@@ -94,8 +97,8 @@ class OrdinalRanges:
             self._count -= sum(
                 e - s for s, e in zip(self._starts[i:j], self._ends[i:j], strict=True)
             )
-        self._starts[i:j] = [start]
-        self._ends[i:j] = [end]
+        self._starts[i:j] = array("Q", (start,))
+        self._ends[i:j] = array("Q", (end,))
         self._count += end - start
 
     def add(self, ordinal: int) -> None:

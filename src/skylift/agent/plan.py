@@ -2,8 +2,8 @@
 
 Plan, then execute. The plan is data, computed from
 
-- the payload's verified chunk index (``ChunkEntry`` list, from the signed
-  manifest's page chain),
+- the payload's verified chunk index (``ChunkEntry`` sequence, from the signed
+  manifest's page chain; kept as :class:`~skylift.chunks.PackedEntries`),
 - the pack layout, derived from the index: the hub's pack holds each chunk
   as one codec byte and its stored bytes, in index order, so chunk *i*
   starts at the sum of ``1 + stored_length`` of the chunks before it
@@ -18,18 +18,25 @@ pack; fetches are coalesced into few byte ranges and few HTTP requests. The
 executor (:mod:`skylift.agent.install`) verifies every chunk before it
 writes it, whatever its source.
 
+Packed, as the index is: a step is kept as its ordinal, source and source
+offset (13 bytes, :class:`PlanSteps`) and built into a :class:`ChunkStep` on
+access, so that an image of many small chunks (131 072 for 512 MiB in 4 KiB
+blocks) costs the agent a few MiB rather than tens (ADR 0005, "Agent memory").
+
 Pure: the only I/O is reading the seed through the file object passed in.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from array import array
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any, overload
 
-from skylift.chunks import ChunkEntry, ChunkingParams, iter_chunks
+from skylift.chunks import ChunkEntry, ChunkingParams, PackedEntries, iter_chunks
 from skylift.chunks.chunker import Readable
 from skylift.errors import SkyliftError
 
@@ -39,6 +46,7 @@ __all__ = [
     "FetchRequest",
     "InstallPlan",
     "PlanError",
+    "PlanSteps",
     "PlanTotals",
     "SeedIndex",
     "Source",
@@ -139,20 +147,151 @@ class PlanTotals:
     requests: int
 
 
+#: How a step's source is kept in :class:`PlanSteps`: one byte a step, indexing ``_SOURCES``.
+_SEED, _TARGET, _PACK = range(3)
+_SOURCES = (Source.SEED, Source.TARGET, Source.PACK)
+_SOURCE_CODES = {source: code for code, source in enumerate(_SOURCES)}
+
+
+class PlanSteps(Sequence[ChunkStep]):
+    """A plan's steps in target order, packed; each :class:`ChunkStep` is built on access.
+
+    A step keeps only what the index does not say: its ordinal, source and
+    source offset (13 bytes). Its entry and pack range are those of its
+    ordinal in the plan's entries and pack offsets, which all steps share.
+    Slices and :meth:`select` are ``PlanSteps`` too; :func:`make_plan` makes them.
+    """
+
+    __slots__ = ("_entries", "_ordinals", "_pack", "_source_offsets", "_sources")
+
+    def __init__(self, entries: PackedEntries, pack: array[int]) -> None:
+        self._entries = entries
+        self._pack = pack
+        self._ordinals = array("I" if len(entries) < 1 << 32 else "Q")
+        self._sources = bytearray()
+        self._source_offsets = array("Q")
+
+    def _add(self, ordinal: int, code: int, source_offset: int) -> None:
+        self._ordinals.append(ordinal)
+        self._sources.append(code)
+        self._source_offsets.append(source_offset)
+
+    def _empty(self) -> PlanSteps:
+        return PlanSteps(self._entries, self._pack)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    @overload
+    def __getitem__(self, index: int) -> ChunkStep: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> PlanSteps: ...
+
+    def __getitem__(self, index: int | slice) -> ChunkStep | PlanSteps:
+        if isinstance(index, slice):
+            part = self._empty()
+            part._ordinals = self._ordinals[index]
+            part._sources = self._sources[index]
+            part._source_offsets = self._source_offsets[index]
+            return part
+        n = len(self._sources)
+        k = index + n if index < 0 else index
+        if not 0 <= k < n:
+            raise IndexError("plan step index out of range")
+        return self._step(self._ordinals[k], self._sources[k], self._source_offsets[k])
+
+    def _step(self, ordinal: int, code: int, source_offset: int) -> ChunkStep:
+        pack = ByteRange(self._pack[ordinal], self._pack[ordinal + 1])
+        return ChunkStep(ordinal, self._entries[ordinal], _SOURCES[code], source_offset, pack)
+
+    def __iter__(self) -> Iterator[ChunkStep]:
+        for ordinal, code, source_offset in zip(
+            self._ordinals, self._sources, self._source_offsets, strict=True
+        ):
+            yield self._step(ordinal, code, source_offset)
+
+    def __contains__(self, value: object) -> bool:
+        try:
+            self.index(value)
+        except ValueError:
+            return False
+        return True
+
+    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
+        """Where step ``value`` is (found by its ordinal: the steps are in target order).
+
+        Raises:
+            ValueError: it is not one of these steps.
+        """
+        n = len(self._sources)
+        lo, hi, _ = slice(start, stop).indices(n)
+        if isinstance(value, ChunkStep):
+            k = bisect.bisect_left(self._ordinals, value.ordinal, lo, hi)
+            if k < hi and self._ordinals[k] == value.ordinal and self[k] == value:
+                return k
+        raise ValueError("not a step of this plan")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PlanSteps):
+            return NotImplemented
+        return (
+            self._ordinals == other._ordinals
+            and self._sources == other._sources
+            and self._source_offsets == other._source_offsets
+            and self._pack == other._pack
+            and self._entries == other._entries
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # compared by value, like the tuple it replaces
+
+    def __repr__(self) -> str:
+        return f"<PlanSteps of {len(self)} steps>"
+
+    def iter_from(self, source: Source) -> Iterator[ChunkStep]:
+        """The steps from ``source``, in target order, built one at a time."""
+        code = _SOURCE_CODES[source]
+        for ordinal, c, source_offset in zip(
+            self._ordinals, self._sources, self._source_offsets, strict=True
+        ):
+            if c == code:
+                yield self._step(ordinal, c, source_offset)
+
+    def pack_starts(self) -> array[int]:
+        """Where each step's chunk object starts in the pack (ascending, as the steps are)."""
+        return array("Q", (self._pack[ordinal] for ordinal in self._ordinals))
+
+    def select(self, source: Source, *, also: Iterable[ChunkStep] = ()) -> PlanSteps:
+        """The steps from ``source`` and the steps ``also`` (of this plan), in target order."""
+        code = _SOURCE_CODES[source]
+        extra = {s.ordinal for s in also}
+        part = self._empty()
+        for ordinal, c, source_offset in zip(
+            self._ordinals, self._sources, self._source_offsets, strict=True
+        ):
+            if c == code or ordinal in extra:
+                part._add(ordinal, c, source_offset)
+        return part
+
+
 @dataclass(frozen=True)
 class InstallPlan:
     """Steps in target order (chunks already verified left out), and the requests."""
 
     size: int
-    entries: tuple[ChunkEntry, ...]
-    steps: tuple[ChunkStep, ...]
+    entries: PackedEntries
+    steps: PlanSteps
     requests: tuple[FetchRequest, ...]
     totals: PlanTotals
     skipped: Collection[int] = field(default_factory=frozenset)
 
     def steps_from(self, source: Source) -> list[ChunkStep]:
-        """The steps whose bytes come from ``source``, in target order."""
-        return [s for s in self.steps if s.source is source]
+        """The steps whose bytes come from ``source``, in target order.
+
+        A list of built steps: a loop over many is lighter on
+        ``self.steps.iter_from(source)``.
+        """
+        return list(self.steps.iter_from(source))
 
 
 def pack_offsets(entries: Sequence[ChunkEntry]) -> array[int]:
@@ -164,10 +303,15 @@ def pack_offsets(entries: Sequence[ChunkEntry]) -> array[int]:
     in 4 KiB blocks is 131 073 offsets, 1 MiB here.
     """
     offsets = array("Q", bytes(8 * (len(entries) + 1)))
+    stored = (
+        (f[2] for f in entries.iter_fields())
+        if isinstance(entries, PackedEntries)
+        else (e.stored_length for e in entries)
+    )
     position = 0
-    for i, e in enumerate(entries):
-        position += PACK_OBJECT_OVERHEAD + e.stored_length
-        offsets[i + 1] = position
+    for i, length in enumerate(stored, 1):
+        position += PACK_OBJECT_OVERHEAD + length
+        offsets[i] = position
     return offsets
 
 
@@ -186,12 +330,17 @@ def seed_index(
     than ``length`` is cut as far as it goes.
     """
     index: SeedIndex = {}
+    last = 0  # the previous length, kept as one int object that fixed blocks all share
     offset = 0
     for chunk in iter_chunks(_Bounded(active_slot_reader, length), params):
+        n = len(chunk)
+        if n == last:
+            n = last
+        last = n
         digest = hashlib.sha256(chunk).digest()
         if (wanted is None or digest in wanted) and digest not in index:
-            index[digest] = (offset, len(chunk))
-        offset += len(chunk)
+            index[digest] = (offset, n)
+        offset += n
     return index
 
 
@@ -230,37 +379,63 @@ def make_plan(
         PlanError: a verified ordinal is out of range.
         ValueError: a coalescing limit is out of range.
     """
-    offsets = pack_offsets(entries)
+    packed = entries if isinstance(entries, PackedEntries) else PackedEntries(entries)
+    offsets = pack_offsets(packed)
     skipped = verified
-    if any(not 0 <= i < len(entries) for i in skipped):
+    if any(not 0 <= i < len(packed) for i in skipped):
         raise PlanError("the install journal names chunks the index does not have")
-    steps: list[ChunkStep] = []
+    steps = PlanSteps(packed, offsets)
     first_in_target: dict[bytes, int] = {}  # digest -> offset of its first fetched copy
-    for i, e in enumerate(entries):
-        pack = ByteRange(offsets[i], offsets[i + 1])
+    chunks = [0, 0, 0]  # per source code
+    nbytes = [0, 0, 0]
+    skipped_bytes = 0
+    for i, (offset, length, _, _, digest) in enumerate(packed.iter_fields()):
         if i in skipped:
-            first_in_target.setdefault(e.digest, e.offset)
+            first_in_target.setdefault(digest, offset)
+            skipped_bytes += length
             continue
-        hit = seed.get(e.digest)
-        if hit is not None and hit[1] == e.length:
-            steps.append(ChunkStep(i, e, Source.SEED, hit[0], pack))
-        elif e.digest in first_in_target:
-            steps.append(ChunkStep(i, e, Source.TARGET, first_in_target[e.digest], pack))
+        hit = seed.get(digest)
+        if hit is not None and hit[1] == length:
+            code, source_offset = _SEED, hit[0]
+        elif digest in first_in_target:
+            code, source_offset = _TARGET, first_in_target[digest]
         else:
-            steps.append(ChunkStep(i, e, Source.PACK, 0, pack))
-            first_in_target[e.digest] = e.offset
-    fetch = [s.pack_range for s in steps if s.source is Source.PACK]
-    requests = coalesce(
+            code, source_offset = _PACK, 0
+            first_in_target[digest] = offset
+        steps._add(i, code, source_offset)
+        chunks[code] += 1
+        nbytes[code] += length
+    del first_in_target  # one entry a distinct fetched digest: not held while coalescing
+    fetch = (
+        (offsets[i], offsets[i + 1])
+        for i, code in zip(steps._ordinals, steps._sources, strict=True)
+        if code == _PACK
+    )
+    requests = _coalesce_sorted(
         fetch,
         max_gap_bytes=max_gap_bytes,
         max_ranges_per_request=max_ranges_per_request,
         max_range_bytes=max_range_bytes,
     )
-    totals = _totals(entries, steps, skipped, requests)
+    size = packed.total_length()
+    totals = PlanTotals(
+        chunks=len(packed),
+        target_bytes=size,
+        skipped_chunks=len(skipped),
+        skipped_bytes=skipped_bytes,
+        seed_chunks=chunks[_SEED],
+        seed_bytes=nbytes[_SEED],
+        target_copy_chunks=chunks[_TARGET],
+        target_copy_bytes=nbytes[_TARGET],
+        fetch_chunks=chunks[_PACK],
+        fetch_bytes=nbytes[_PACK],
+        download_bytes=sum(r.length for req in requests for r in req.ranges),
+        requests=len(requests),
+    )
     return InstallPlan(
-        size=sum(e.length for e in entries),
-        entries=tuple(entries),
-        steps=tuple(steps),
+        size=size,
+        entries=packed,
+        steps=steps,
         requests=tuple(requests),
         totals=totals,
         skipped=skipped,
@@ -284,50 +459,41 @@ def coalesce(
     Raises:
         ValueError: a limit is out of range, or the ranges overlap.
     """
+    return _coalesce_sorted(
+        ((r.start, r.end) for r in sorted(ranges)),
+        max_gap_bytes=max_gap_bytes,
+        max_ranges_per_request=max_ranges_per_request,
+        max_range_bytes=max_range_bytes,
+    )
+
+
+def _coalesce_sorted(
+    ranges: Iterable[tuple[int, int]],
+    *,
+    max_gap_bytes: int,
+    max_ranges_per_request: int,
+    max_range_bytes: int,
+) -> list[FetchRequest]:
+    """:func:`coalesce` of ``(start, end)`` pairs in ascending order, read once (not held)."""
     if max_gap_bytes < 0 or max_ranges_per_request < 1 or max_range_bytes < 1:
         raise ValueError("coalescing limits must be positive")
     merged: list[ByteRange] = []
-    for r in sorted(ranges):
-        if r.length <= 0:
+    current: tuple[int, int] | None = None  # the range being merged
+    for start, end in ranges:
+        if end <= start:
             continue
-        if merged:
-            last = merged[-1]
-            if r.start < last.end:
+        if current is not None:
+            first, last = current
+            if start < last:
                 raise ValueError("ranges to fetch overlap")
-            if r.start - last.end <= max_gap_bytes and r.end - last.start <= max_range_bytes:
-                merged[-1] = ByteRange(last.start, r.end)
+            if start - last <= max_gap_bytes and end - first <= max_range_bytes:
+                current = (first, end)
                 continue
-        merged.append(r)
+            merged.append(ByteRange(first, last))
+        current = (start, end)
+    if current is not None:
+        merged.append(ByteRange(*current))
     return [
         FetchRequest(tuple(merged[i : i + max_ranges_per_request]))
         for i in range(0, len(merged), max_ranges_per_request)
     ]
-
-
-def _totals(
-    entries: Sequence[ChunkEntry],
-    steps: Sequence[ChunkStep],
-    skipped: Collection[int],
-    requests: Sequence[FetchRequest],
-) -> PlanTotals:
-    def count(source: Source) -> tuple[int, int]:
-        chosen = [s.entry.length for s in steps if s.source is source]
-        return len(chosen), sum(chosen)
-
-    seed_n, seed_b = count(Source.SEED)
-    target_n, target_b = count(Source.TARGET)
-    fetch_n, fetch_b = count(Source.PACK)
-    return PlanTotals(
-        chunks=len(entries),
-        target_bytes=sum(e.length for e in entries),
-        skipped_chunks=len(skipped),
-        skipped_bytes=sum(entries[i].length for i in skipped),
-        seed_chunks=seed_n,
-        seed_bytes=seed_b,
-        target_copy_chunks=target_n,
-        target_copy_bytes=target_b,
-        fetch_chunks=fetch_n,
-        fetch_bytes=fetch_b,
-        download_bytes=sum(r.length for req in requests for r in req.ranges),
-        requests=len(requests),
-    )

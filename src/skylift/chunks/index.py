@@ -21,9 +21,12 @@ decompressor would ignore (such as zstd's unused frame-header bit).
 from __future__ import annotations
 
 import hashlib
+import operator
 import struct
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import zstandard
 
@@ -40,6 +43,7 @@ __all__ = [
     "ChunkEntry",
     "IndexBuilder",
     "IndexPage",
+    "PackedEntries",
     "PageChainVerifier",
     "compress_index",
     "decode_chunk",
@@ -53,6 +57,7 @@ CODEC_ZSTD = 1
 _CODECS = {CODEC_NONE: "none", CODEC_ZSTD: "zstd"}
 
 _ENTRY = struct.Struct(">IIB32s")
+_DIGEST = struct.Struct("32s")
 _PAGE_HEADER = struct.Struct(">4sI32s32s")
 _PAGE_MAGIC = b"SKIP"
 ENTRY_SIZE = _ENTRY.size
@@ -75,6 +80,168 @@ class ChunkEntry:
     def hexdigest(self) -> str:
         """The chunk's name: the SHA-256 of its uncompressed bytes, in hex."""
         return self.digest.hex()
+
+
+class PackedEntries(Sequence[ChunkEntry]):
+    """Chunk entries kept packed, 49 bytes each, built into a :class:`ChunkEntry` on access.
+
+    A list of ``ChunkEntry`` costs about 270 bytes a chunk (the object, its
+    digest and its offset as Python objects): 34 MiB for a 512 MiB image in
+    4 KiB blocks, here 6 MiB. The accessors (:meth:`digest`, :meth:`length`,
+    ...) read one field without building an entry, for the loops that visit
+    every chunk. Slices are ``PackedEntries`` too. Iterating holds the digest
+    buffer: the entries cannot grow until the iterator is gone.
+    """
+
+    __slots__ = ("_codecs", "_digests", "_lengths", "_offsets", "_stored")
+
+    def __init__(self, entries: Iterable[ChunkEntry] = ()) -> None:
+        self._offsets = array("Q")
+        self._lengths = array("I")
+        self._stored = array("I")
+        self._codecs = bytearray()
+        self._digests = bytearray()
+        self.extend(entries)
+
+    def append(self, entry: ChunkEntry) -> None:
+        """Add ``entry`` at the end.
+
+        Raises:
+            ValueError: its digest is not 32 bytes, or its codec not a byte.
+            OverflowError: an offset or a length does not fit (2**64, 2**32), or is negative.
+        """
+        if len(entry.digest) != 32:
+            raise ValueError("a chunk digest is 32 bytes")
+        n = len(self._codecs)
+        try:
+            self._offsets.append(entry.offset)
+            self._lengths.append(entry.length)
+            self._stored.append(entry.stored_length)
+            self._codecs.append(entry.codec)
+        except Exception:
+            # Leave the columns as long as one another.
+            del self._offsets[n:], self._lengths[n:], self._stored[n:], self._codecs[n:]
+            raise
+        self._digests += entry.digest
+
+    def extend(self, entries: Iterable[ChunkEntry]) -> None:
+        """Add ``entries`` at the end, in order (as :meth:`append` does, and raises)."""
+        if isinstance(entries, PackedEntries):
+            self._offsets += entries._offsets
+            self._lengths += entries._lengths
+            self._stored += entries._stored
+            self._codecs += entries._codecs
+            self._digests += entries._digests
+            return
+        for e in entries:
+            self.append(e)
+
+    def __len__(self) -> int:
+        return len(self._codecs)
+
+    @overload
+    def __getitem__(self, index: int) -> ChunkEntry: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> PackedEntries: ...
+
+    def __getitem__(self, index: int | slice) -> ChunkEntry | PackedEntries:
+        if isinstance(index, slice):
+            part = PackedEntries()
+            part._offsets = self._offsets[index]
+            part._lengths = self._lengths[index]
+            part._stored = self._stored[index]
+            part._codecs = self._codecs[index]
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                part._digests = self._digests[32 * start : 32 * max(start, stop)]
+            else:
+                part._digests = bytearray().join(self.digest(i) for i in range(start, stop, step))
+            return part
+        i = self._position(index)
+        return ChunkEntry(
+            self._offsets[i],
+            self._lengths[i],
+            self._stored[i],
+            self._codecs[i],
+            _DIGEST.unpack_from(self._digests, 32 * i)[0],
+        )
+
+    def __iter__(self) -> Iterator[ChunkEntry]:
+        for fields in self.iter_fields():
+            yield ChunkEntry(*fields)
+
+    def iter_fields(self) -> Iterator[tuple[int, int, int, int, bytes]]:
+        """``(offset, length, stored_length, codec, digest)`` of each chunk, in order.
+
+        What iterating yields, as plain tuples, for loops over every chunk:
+        several times cheaper than building the entries (131 072 chunks:
+        0.05 s against 0.3 s on a bench machine).
+        """
+        columns = zip(
+            self._offsets,
+            self._lengths,
+            self._stored,
+            self._codecs,
+            _DIGEST.iter_unpack(self._digests),
+            strict=True,
+        )
+        for offset, length, stored, codec, (digest,) in columns:
+            yield offset, length, stored, codec, digest
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PackedEntries):
+            return NotImplemented
+        return (
+            self._digests == other._digests
+            and self._offsets == other._offsets
+            and self._lengths == other._lengths
+            and self._stored == other._stored
+            and self._codecs == other._codecs
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __repr__(self) -> str:
+        return f"<PackedEntries of {len(self)} chunks>"
+
+    def _position(self, index: int) -> int:
+        i = operator.index(index)
+        n = len(self._codecs)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("chunk entry index out of range")
+        return i
+
+    def offset(self, i: int) -> int:
+        """Where chunk ``i`` starts in the payload (as ``self[i].offset``, without the entry)."""
+        return self._offsets[self._position(i)]
+
+    def length(self, i: int) -> int:
+        """Chunk ``i``'s length (as ``self[i].length``)."""
+        return self._lengths[self._position(i)]
+
+    def stored_length(self, i: int) -> int:
+        """Chunk ``i``'s length as stored (as ``self[i].stored_length``)."""
+        return self._stored[self._position(i)]
+
+    def codec(self, i: int) -> int:
+        """Chunk ``i``'s codec (as ``self[i].codec``)."""
+        return self._codecs[self._position(i)]
+
+    def digest(self, i: int) -> bytes:
+        """Chunk ``i``'s SHA-256 (as ``self[i].digest``)."""
+        digest: bytes = _DIGEST.unpack_from(self._digests, 32 * self._position(i))[0]
+        return digest
+
+    def digest_set(self) -> set[bytes]:
+        """The distinct digests (what ``seed_index`` wants), without building any entry."""
+        return {d for (d,) in _DIGEST.iter_unpack(self._digests)}
+
+    def total_length(self) -> int:
+        """The sum of the chunks' lengths (the payload's size when they tile it)."""
+        return sum(self._lengths)
 
 
 def encode_chunk(
