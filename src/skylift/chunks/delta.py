@@ -1,0 +1,439 @@
+"""Per-pair deltas: the bytes that turn one exact old payload into the new one.
+
+A chunk plan works from any old version: the device downloads the new
+chunk index and the chunks its seed lacks. For the transitions most of a
+fleet makes (the previous release or two to the new one) the hub can do
+better, because it knows exactly what such a device holds: it sends a
+*delta*, a list of operations in target order over the old payload:
+
+- ``COPY``: ``length`` bytes of the old payload, from ``source``;
+- ``LITERAL``: ``length`` new bytes, one zstd frame compressed with, as a
+  raw-content dictionary, ``dict_length`` bytes of the old payload from
+  ``source``: the old bytes where the new ones go (the position the last
+  copy left off at). Changed filesystem metadata, a patched file in an
+  archive, compress against their previous version there: on the corpus's
+  small ext4 update the new blocks take 0.22 MB this way against 0.28 MB as
+  one plain zstd stream (docs/adr/0006-per-pair-deltas.md).
+
+Layout, big-endian::
+
+    header = "SKD1" | 32-byte sha256 of the old payload | 32-byte sha256 of the new
+             | u64 old size | u64 new size | u32 op count | u32 length of the ops frame
+    ops    = one zstd frame (declaring its size) of op count * op
+    op     = u8 kind | u64 length | i64 source, relative to the cursor
+             | u32 dict_length | u32 frame_length
+    frames = the LITERAL ops' frames, in op order
+
+The cursor starts at 0 and, after each op, stands at ``source + length``:
+an op whose source continues where the previous one stopped (the common
+case) stores 0, which is why the ops compress well.
+
+Nothing here is trusted by its form alone: a device applies a delta only
+when the director's signed metadata names its SHA-256 and length, and the
+new payload's SHA-256 (in the signed manifest) is checked on what it wrote.
+Parsing still bounds everything (sizes, counts, each op inside the old
+payload and the new) before anything is allocated. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import zstandard
+
+from skylift.chunks.chunker import Readable, iter_chunks
+from skylift.chunks.errors import ChunkError
+from skylift.chunks.params import ChunkingParams
+
+__all__ = [
+    "COPY",
+    "DELTA_MAGIC",
+    "HEADER_SIZE",
+    "LITERAL",
+    "MAX_DICT_BYTES",
+    "MAX_LITERAL_BYTES",
+    "DeltaError",
+    "DeltaHeader",
+    "DeltaOp",
+    "build_delta",
+    "compress_literal",
+    "cut_chunks",
+    "decode_literal",
+    "encode_header",
+    "encode_ops",
+    "parse_header",
+    "parse_ops",
+    "plan_ops",
+    "read_delta",
+    "replay",
+]
+
+DELTA_MAGIC = b"SKD1"
+COPY = 1
+LITERAL = 2
+#: A LITERAL op makes at most this many bytes (the device holds one in memory).
+MAX_LITERAL_BYTES = 4 * 1024 * 1024
+#: Old bytes after a literal's own length that its dictionary may also take.
+DICT_SLACK_BYTES = 64 * 1024
+#: ... so a dictionary is at most this long.
+MAX_DICT_BYTES = MAX_LITERAL_BYTES + DICT_SLACK_BYTES
+#: zstd level of the literals (the hub makes a delta once, devices apply it often).
+LITERAL_ZSTD_LEVEL = 19
+
+_HEADER = struct.Struct(">4s32s32sQQII")
+_OP = struct.Struct(">BQqII")
+HEADER_SIZE = _HEADER.size
+OP_SIZE = _OP.size
+#: Payloads are at most this large (as the manifest allows).
+_MAX_PAYLOAD_BYTES = 1 << 44
+
+
+class DeltaError(ChunkError):
+    """A delta is malformed or inconsistent with the payloads it claims to join."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaHeader:
+    """What a delta joins, and how long its ops frame is."""
+
+    from_sha256: bytes
+    to_sha256: bytes
+    from_size: int
+    to_size: int
+    op_count: int
+    ops_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaOp:
+    """One operation: ``length`` bytes of the target, from the old payload or a frame.
+
+    ``source`` is absolute here (an offset in the old payload): where a COPY
+    reads, or where a LITERAL's dictionary starts.
+    """
+
+    kind: int
+    length: int
+    source: int
+    dict_length: int = 0
+    frame_length: int = 0
+
+
+def encode_header(header: DeltaHeader) -> bytes:
+    """The header's bytes."""
+    return _HEADER.pack(
+        DELTA_MAGIC,
+        header.from_sha256,
+        header.to_sha256,
+        header.from_size,
+        header.to_size,
+        header.op_count,
+        header.ops_length,
+    )
+
+
+def parse_header(data: bytes, *, max_ops_bytes: int = 64 * 1024 * 1024) -> DeltaHeader:
+    """Parse and bound a header (the first :data:`HEADER_SIZE` bytes of a delta).
+
+    Raises:
+        DeltaError: not a delta, or sizes out of range.
+    """
+    if len(data) != HEADER_SIZE:
+        raise DeltaError(f"a delta header is {HEADER_SIZE} bytes, not {len(data)}")
+    magic, old, new, from_size, to_size, count, ops_length = _HEADER.unpack(data)
+    if magic != DELTA_MAGIC:
+        raise DeltaError("not a Skylift delta (bad magic)")
+    if not 0 < from_size <= _MAX_PAYLOAD_BYTES or not 0 < to_size <= _MAX_PAYLOAD_BYTES:
+        raise DeltaError("a delta joins payloads of impossible sizes")
+    if count < 1 or count * OP_SIZE > max_ops_bytes or count > to_size:
+        raise DeltaError(f"a delta of {count} operations is out of range")
+    if not 0 < ops_length <= max_ops_bytes:
+        raise DeltaError("a delta's operations frame is out of range")
+    return DeltaHeader(old, new, from_size, to_size, count, ops_length)
+
+
+def encode_ops(ops: Sequence[DeltaOp]) -> bytes:
+    """The ops as one zstd frame, sources relative to the cursor (see the module docstring)."""
+    raw = bytearray()
+    cursor = 0
+    for op in ops:
+        raw += _OP.pack(op.kind, op.length, op.source - cursor, op.dict_length, op.frame_length)
+        cursor = op.source + op.length
+    return zstandard.ZstdCompressor(level=LITERAL_ZSTD_LEVEL, write_content_size=True).compress(
+        bytes(raw)
+    )
+
+
+def parse_ops(header: DeltaHeader, frame: bytes) -> list[DeltaOp]:
+    """Decode and check the ops frame against ``header``.
+
+    Every op must lie inside the old payload, make at most
+    :data:`MAX_LITERAL_BYTES` when it is a literal (with a dictionary of at
+    most :data:`MAX_DICT_BYTES`, inside the old payload), and the ops must
+    make exactly ``header.to_size`` bytes.
+
+    Raises:
+        DeltaError: the frame or an op is malformed or out of range.
+    """
+    if len(frame) != header.ops_length:
+        raise DeltaError("the delta's operations frame has the wrong length")
+    expected = header.op_count * OP_SIZE
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError:
+        raise DeltaError("the delta's operations are not a zstd frame") from None
+    if declared != expected:
+        raise DeltaError("the delta's operations frame declares the wrong size")
+    decoder = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        raw = decoder.decompress(frame)
+    except zstandard.ZstdError:
+        raise DeltaError("the delta's operations frame is corrupt") from None
+    if len(raw) != expected or not decoder.eof or decoder.unused_data:
+        raise DeltaError("the delta's operations frame is not exactly one frame of its size")
+    ops: list[DeltaOp] = []
+    cursor = 0
+    made = 0
+    for i, (kind, length, relative, dict_length, frame_length) in enumerate(_OP.iter_unpack(raw)):
+        source = cursor + relative
+        where = f"delta operation {i}"
+        if length < 1 or made + length > header.to_size:
+            raise DeltaError(f"{where} makes bytes beyond the new payload")
+        if kind == COPY:
+            if dict_length or frame_length:
+                raise DeltaError(f"{where} is a copy with a dictionary or a frame")
+            if source < 0 or source + length > header.from_size:
+                raise DeltaError(f"{where} copies from outside the old payload")
+        elif kind == LITERAL:
+            if length > MAX_LITERAL_BYTES or not 0 < frame_length <= MAX_LITERAL_BYTES + 1024:
+                raise DeltaError(f"{where} is a literal of impossible size")
+            if dict_length > MAX_DICT_BYTES or (
+                dict_length and (source < 0 or source + dict_length > header.from_size)
+            ):
+                raise DeltaError(f"{where} takes a dictionary from outside the old payload")
+        else:
+            raise DeltaError(f"{where} is of unknown kind {kind}")
+        ops.append(DeltaOp(kind, length, source, dict_length, frame_length))
+        cursor = source + length
+        made += length
+    if made != header.to_size:
+        raise DeltaError("the delta's operations do not make the whole new payload")
+    return ops
+
+
+def compress_literal(data: bytes, dictionary: bytes, level: int = LITERAL_ZSTD_LEVEL) -> bytes:
+    """One literal's frame: ``data`` against the raw-content ``dictionary`` (may be empty)."""
+    d = (
+        zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        if len(dictionary) >= 8
+        else None
+    )
+    compressor = zstandard.ZstdCompressor(
+        level=level,
+        dict_data=d,
+        write_content_size=True,
+        write_checksum=False,
+        write_dict_id=False,
+    )
+    return compressor.compress(data)
+
+
+def decode_literal(op: DeltaOp, frame: bytes, dictionary: bytes) -> bytes:
+    """The ``op.length`` bytes of one literal.
+
+    Raises:
+        DeltaError: the frame is not one frame of exactly that size, or corrupt.
+    """
+    if len(frame) != op.frame_length or len(dictionary) != op.dict_length:
+        raise DeltaError("a literal's frame or dictionary has the wrong length")
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError:
+        raise DeltaError("a literal of the delta is not a zstd frame") from None
+    if declared != op.length:
+        raise DeltaError("a literal of the delta declares the wrong size")
+    if len(dictionary) >= 8:
+        d = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        decoder = zstandard.ZstdDecompressor(dict_data=d).decompressobj()
+    else:
+        decoder = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        data = decoder.decompress(frame)
+    except zstandard.ZstdError:
+        raise DeltaError("a literal of the delta is corrupt") from None
+    if len(data) != op.length or not decoder.eof or decoder.unused_data:
+        raise DeltaError("a literal of the delta is not exactly one frame of its size")
+    return data
+
+
+def read_delta(read: Callable[[int], bytes]) -> tuple[DeltaHeader, list[DeltaOp]]:
+    """The header and checked ops at the start of a delta, read with ``read(n)``.
+
+    Raises:
+        DeltaError: truncated or malformed (see :func:`parse_header`, :func:`parse_ops`).
+    """
+    header = parse_header(_exactly(read, HEADER_SIZE, "header"))
+    return header, parse_ops(header, _exactly(read, header.ops_length, "operations"))
+
+
+def replay(
+    ops: Iterable[DeltaOp],
+    read: Callable[[int], bytes],
+    read_old: Callable[[int, int], bytes],
+    *,
+    piece: int = 1024 * 1024,
+) -> Iterator[tuple[int, bytes]]:
+    """The new payload, as ``(offset, bytes)`` pieces in order, from the ops and the old one.
+
+    ``read(n)`` reads the delta's literal frames, after :func:`read_delta`;
+    ``read_old(offset, length)`` the old payload. Copies come in pieces of at
+    most ``piece`` bytes, literals whole (at most :data:`MAX_LITERAL_BYTES`).
+    The caller checks that nothing follows the last frame, and the result's
+    hash.
+
+    Raises:
+        DeltaError: a frame is truncated or corrupt, or the old payload is short.
+    """
+    position = 0
+    for op in ops:
+        if op.kind == COPY:
+            for start in range(0, op.length, piece):
+                n = min(piece, op.length - start)
+                data = read_old(op.source + start, n)
+                if len(data) != n:
+                    raise DeltaError("the old payload ends before the delta's copy")
+                yield position + start, data
+        else:
+            frame = _exactly(read, op.frame_length, "literal")
+            dictionary = read_old(op.source, op.dict_length) if op.dict_length else b""
+            yield position, decode_literal(op, frame, dictionary)
+        position += op.length
+
+
+def _exactly(read: Callable[[int], bytes], n: int, what: str) -> bytes:
+    data = read(n)
+    if len(data) != n:
+        raise DeltaError(f"the delta ends in its {what}")
+    return data
+
+
+def cut_chunks(stream: Readable, params: ChunkingParams) -> Iterator[tuple[int, int, bytes]]:
+    """``(offset, length, sha256)`` of each chunk of ``stream`` cut with ``params``.
+
+    How an old payload is cut with the new payload's chunking for
+    :func:`plan_ops` (reading goes through ``stream``, the caller's I/O).
+    """
+    offset = 0
+    for chunk in iter_chunks(stream, params):
+        yield offset, len(chunk), hashlib.sha256(chunk).digest()
+        offset += len(chunk)
+
+
+def plan_ops(
+    old_chunks: Iterable[tuple[int, int, bytes]],
+    new_chunks: Iterable[tuple[int, int, bytes]],
+    *,
+    old_size: int,
+) -> Iterator[DeltaOp]:
+    """The ops (frames not yet made: ``frame_length`` 0) that build the new payload.
+
+    ``old_chunks`` and ``new_chunks`` are ``(offset, length, digest)`` of both
+    payloads cut with the *same* chunking (the new payload's). A new chunk
+    whose digest the old payload has is copied from where the cursor stands
+    when the old chunk there is the same, else from its first occurrence;
+    neighbouring copies that are contiguous in the old payload merge. The
+    rest are literals of at most :data:`MAX_LITERAL_BYTES`, each with the old
+    bytes from the cursor on as its dictionary (its own length plus
+    :data:`DICT_SLACK_BYTES`, within the old payload).
+    """
+    where: dict[bytes, int] = {}
+    at: dict[int, bytes] = {}  # offset -> digest: to prefer the copy that continues
+    repeated: set[bytes] = set()  # digests the old payload has more than once
+    for offset, _length, digest in old_chunks:
+        if where.setdefault(digest, offset) != offset:
+            repeated.add(digest)
+        at[offset] = digest
+    cursor = 0
+    pending: DeltaOp | None = None  # a copy or literal still growing
+
+    def literal(source: int, length: int) -> DeltaOp:
+        start = min(max(source, 0), old_size)
+        return DeltaOp(LITERAL, length, start, min(length + DICT_SLACK_BYTES, old_size - start))
+
+    for _offset, length, digest in new_chunks:
+        # The old chunk where the cursor stands, if it is the same, else the
+        # first with that digest.
+        found = cursor if at.get(cursor) == digest else where.get(digest)
+        if found is not None:
+            if (
+                pending is not None
+                and pending.kind == COPY
+                and pending.source + pending.length == found
+            ):
+                pending = DeltaOp(COPY, pending.length + length, pending.source)
+            else:
+                if pending is not None:
+                    yield pending
+                pending = DeltaOp(COPY, length, found)
+            # A chunk the old payload has many times (an empty block) says
+            # nothing about where the new bytes come from: the cursor moves on
+            # as it would over a literal, so the next literal's dictionary is
+            # still the old bytes where the new ones go.
+            cursor = cursor + length if digest in repeated and found != cursor else found + length
+            continue
+        if (
+            pending is not None
+            and pending.kind == LITERAL
+            and pending.length + length <= MAX_LITERAL_BYTES
+        ):
+            pending = literal(pending.source, pending.length + length)
+        else:
+            if pending is not None:
+                yield pending
+            pending = literal(cursor, length)
+        cursor += length
+    if pending is not None:
+        yield pending
+
+
+def build_delta(
+    *,
+    old_chunks: Iterable[tuple[int, int, bytes]],
+    new_chunks: Iterable[tuple[int, int, bytes]],
+    old_size: int,
+    new_size: int,
+    from_sha256: bytes,
+    to_sha256: bytes,
+    read_old: Callable[[int, int], bytes],
+    read_new: Callable[[int, int], bytes],
+    write_frame: Callable[[bytes], None],
+    level: int = LITERAL_ZSTD_LEVEL,
+) -> tuple[bytes, bytes]:
+    """Make a delta: each literal's frame goes to ``write_frame``, in order.
+
+    ``read_old(offset, length)`` and ``read_new(offset, length)`` return bytes
+    of the payloads (the caller's I/O). Returns the header and the ops frame:
+    the delta is the header, the ops frame, then the frames written, in that
+    order. Memory: one literal and its dictionary at a time.
+
+    Raises:
+        DeltaError: the chunks do not make ``new_size`` bytes.
+    """
+    ops: list[DeltaOp] = []
+    position = 0
+    for op in plan_ops(old_chunks, new_chunks, old_size=old_size):
+        if op.kind == LITERAL:
+            dictionary = read_old(op.source, op.dict_length) if op.dict_length else b""
+            frame = compress_literal(read_new(position, op.length), dictionary, level)
+            write_frame(frame)
+            op = DeltaOp(LITERAL, op.length, op.source, op.dict_length, len(frame))
+        ops.append(op)
+        position += op.length
+    if position != new_size or not ops:
+        raise DeltaError(f"the new payload's chunks make {position} bytes, not {new_size}")
+    frame = encode_ops(ops)
+    header = DeltaHeader(from_sha256, to_sha256, old_size, new_size, len(ops), len(frame))
+    return encode_header(header), frame

@@ -1,0 +1,222 @@
+"""The per-pair delta format (skylift.chunks.delta): building, parsing, bounds."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import struct
+
+import pytest
+import zstandard
+
+from skylift.chunks import ChunkingParams, iter_chunks
+from skylift.chunks.delta import (
+    COPY,
+    HEADER_SIZE,
+    LITERAL,
+    MAX_LITERAL_BYTES,
+    OP_SIZE,
+    DeltaError,
+    DeltaHeader,
+    DeltaOp,
+    build_delta,
+    compress_literal,
+    decode_literal,
+    encode_header,
+    encode_ops,
+    parse_header,
+    parse_ops,
+    plan_ops,
+    read_delta,
+    replay,
+)
+
+FIXED = ChunkingParams.fixed(4096)
+CDC = ChunkingParams.cdc(4096)
+
+
+def _cut(data: bytes, params: ChunkingParams) -> list[tuple[int, int, bytes]]:
+    out, offset = [], 0
+    for chunk in iter_chunks(io.BytesIO(data), params):
+        out.append((offset, len(chunk), hashlib.sha256(chunk).digest()))
+        offset += len(chunk)
+    return out
+
+
+def _build(old: bytes, new: bytes, params: ChunkingParams) -> bytes:
+    frames: list[bytes] = []
+    header, ops = build_delta(
+        old_chunks=_cut(old, params),
+        new_chunks=_cut(new, params),
+        old_size=len(old),
+        new_size=len(new),
+        from_sha256=hashlib.sha256(old).digest(),
+        to_sha256=hashlib.sha256(new).digest(),
+        read_old=lambda o, n: old[o : o + n],
+        read_new=lambda o, n: new[o : o + n],
+        write_frame=frames.append,
+    )
+    return header + ops + b"".join(frames)
+
+
+def _apply(delta: bytes, old: bytes) -> bytes:
+    """What a device does, with :func:`read_delta` and :func:`replay`."""
+    stream = io.BytesIO(delta)
+    _, ops = read_delta(stream.read)
+    pieces = list(replay(ops, stream.read, lambda o, n: old[o : o + n], piece=5000))
+    assert stream.read(1) == b""  # nothing after the last frame
+    # In order and contiguous; copies come in pieces of at most 5000 bytes.
+    position = 0
+    for offset, data in pieces:
+        assert offset == position
+        position += len(data)
+    copies = sum(op.length for op in ops if op.kind == COPY)
+    assert copies > 0 and len(pieces) >= copies // 5000
+    return b"".join(d for _, d in pieces)
+
+
+def _image(seed: int, size: int = 1 << 20) -> bytes:
+    rng = random.Random(seed)
+    data = bytearray()
+    while len(data) < size:
+        data += rng.randbytes(rng.randint(500, 9000)) if rng.random() < 0.6 else bytes(3000)
+    return bytes(data[:size])
+
+
+OLD = _image(1)
+
+
+def _edited(old: bytes) -> bytes:
+    new = bytearray(old)
+    for at in (10_000, 300_000, 700_001):  # in place, as changed metadata blocks
+        new[at : at + 200] = b"edited! " * 25
+    return bytes(new[:500_000] + b"inserted " * 300 + new[500_000:])  # and a shift
+
+
+NEW = _edited(OLD)
+
+
+@pytest.mark.parametrize("params", [FIXED, CDC], ids=["fixed", "cdc"])
+def test_a_delta_rebuilds_the_new_payload_and_is_small(params: ChunkingParams) -> None:
+    delta = _build(OLD, NEW, params)
+    assert _apply(delta, OLD) == NEW
+    # Four edits of a few KiB in a 1 MiB payload.
+    assert len(delta) < 40_000
+    header = parse_header(delta[:HEADER_SIZE])
+    assert header.from_sha256 == hashlib.sha256(OLD).digest()
+    assert header.to_sha256 == hashlib.sha256(NEW).digest()
+    assert (header.from_size, header.to_size) == (len(OLD), len(NEW))
+
+
+def test_literals_compress_against_the_old_bytes_where_they_go() -> None:
+    # A block changed in a few bytes: against its old self it costs almost nothing.
+    old = random.Random(5).randbytes(4096)
+    new = old[:100] + b"X" + old[101:]
+    against_old = compress_literal(new, old)
+    alone = compress_literal(new, b"")
+    assert len(against_old) < 64 < len(alone)
+    op = DeltaOp(LITERAL, len(new), 0, len(old), len(against_old))
+    assert decode_literal(op, against_old, old) == new
+    with pytest.raises(DeltaError, match="wrong length"):
+        decode_literal(op, against_old, old[:-1])
+
+
+def test_identical_payloads_are_one_copy() -> None:
+    ops = list(plan_ops(_cut(OLD, FIXED), _cut(OLD, FIXED), old_size=len(OLD)))
+    assert ops == [DeltaOp(COPY, len(OLD), 0)]
+
+
+def test_literal_runs_are_split_to_bound_memory() -> None:
+    new = random.Random(9).randbytes(MAX_LITERAL_BYTES + 300_000)
+    ops = list(plan_ops([], _cut(new, FIXED), old_size=4096))
+    assert [op.kind for op in ops] == [LITERAL, LITERAL]
+    assert max(op.length for op in ops) <= MAX_LITERAL_BYTES
+    assert sum(op.length for op in ops) == len(new)
+
+
+def _header(delta: bytes) -> DeltaHeader:
+    return parse_header(delta[:HEADER_SIZE])
+
+
+def test_bad_headers_are_refused_in_one_line() -> None:
+    good = _build(OLD, NEW, FIXED)[:HEADER_SIZE]
+    with pytest.raises(DeltaError, match="bad magic"):
+        parse_header(b"XXXX" + good[4:])
+    with pytest.raises(DeltaError, match="not 10"):
+        parse_header(good[:10])
+    h = _header(good)
+    for bad in (
+        DeltaHeader(h.from_sha256, h.to_sha256, 0, h.to_size, h.op_count, h.ops_length),
+        DeltaHeader(h.from_sha256, h.to_sha256, h.from_size, 1 << 50, h.op_count, h.ops_length),
+        DeltaHeader(h.from_sha256, h.to_sha256, h.from_size, h.to_size, 0, h.ops_length),
+        DeltaHeader(h.from_sha256, h.to_sha256, h.from_size, h.to_size, h.op_count, 0),
+        DeltaHeader(h.from_sha256, h.to_sha256, h.from_size, h.to_size, 10**9, h.ops_length),
+    ):
+        with pytest.raises(DeltaError):
+            parse_header(encode_header(bad))
+
+
+def _ops_delta(ops: list[DeltaOp], old_size: int, new_size: int) -> tuple[DeltaHeader, bytes]:
+    frame = encode_ops(ops)
+    return DeltaHeader(bytes(32), bytes(32), old_size, new_size, len(ops), len(frame)), frame
+
+
+@pytest.mark.parametrize(
+    ("ops", "reason"),
+    [
+        ([DeltaOp(COPY, 100, 4000)], "outside the old payload"),
+        ([DeltaOp(COPY, 50, 0), DeltaOp(COPY, 60, 0)], "beyond the new payload"),
+        ([DeltaOp(COPY, 50, 0)], "do not make the whole"),
+        ([DeltaOp(COPY, 100, 0, dict_length=5)], "copy with a dictionary"),
+        ([DeltaOp(LITERAL, 100, 0, 10, 0)], "impossible size"),
+        ([DeltaOp(LITERAL, 100, 4090, 100, 20)], "dictionary from outside"),
+        ([DeltaOp(7, 100, 0)], "unknown kind"),
+    ],
+    ids=["copy out", "too long", "too short", "copy dict", "empty frame", "dict out", "kind"],
+)
+def test_ops_out_of_bounds_are_refused(ops: list[DeltaOp], reason: str) -> None:
+    header, frame = _ops_delta(ops, 4096, 100)
+    with pytest.raises(DeltaError, match=reason):
+        parse_ops(header, frame)
+
+
+def test_an_ops_frame_that_is_not_one_frame_of_its_size_is_refused() -> None:
+    header, frame = _ops_delta([DeltaOp(COPY, 100, 0)], 4096, 100)
+    with pytest.raises(DeltaError, match="wrong length"):
+        parse_ops(header, frame + b"x")
+    raw = struct.pack(">BQqII", COPY, 100, 0, 0, 0)
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compress(raw)
+    fake = DeltaHeader(bytes(32), bytes(32), 4096, 100, 1, len(unsized))
+    with pytest.raises(DeltaError, match="declares the wrong size"):
+        parse_ops(fake, unsized)
+    two = DeltaHeader(bytes(32), bytes(32), 4096, 100, 2, len(frame))
+    with pytest.raises(DeltaError, match="declares the wrong size"):
+        parse_ops(two, frame)
+    assert len(raw) != OP_SIZE * 2
+
+
+def test_a_literal_that_lies_about_its_size_is_refused() -> None:
+    frame = compress_literal(b"a" * 1000, b"")
+    with pytest.raises(DeltaError, match="declares the wrong size"):
+        decode_literal(DeltaOp(LITERAL, 999, 0, 0, len(frame)), frame, b"")
+    with pytest.raises(DeltaError, match="not a zstd frame"):
+        decode_literal(DeltaOp(LITERAL, 4, 0, 0, 4), b"abcd", b"")
+
+
+def test_replay_refuses_a_truncated_delta_or_a_short_old_payload() -> None:
+    delta = _build(OLD, NEW, FIXED)
+    short = io.BytesIO(delta[:-5])
+    _, ops = read_delta(short.read)
+    with pytest.raises(DeltaError, match="ends in its literal"):
+        for _ in replay(ops, short.read, lambda o, n: OLD[o : o + n]):
+            pass
+    whole = io.BytesIO(delta)
+    _, ops = read_delta(whole.read)
+    with pytest.raises(DeltaError, match="old payload ends before"):
+        for _ in replay(ops, whole.read, lambda o, n: OLD[o : o + n][: n // 2]):
+            pass
+    with pytest.raises(DeltaError, match="ends in its header"):
+        read_delta(io.BytesIO(delta[:20]).read)
+    with pytest.raises(DeltaError, match="ends in its operations"):
+        read_delta(io.BytesIO(delta[: HEADER_SIZE + 3]).read)
