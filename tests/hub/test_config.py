@@ -19,6 +19,7 @@ def test_defaults_round_trip(tmp_path: Path) -> None:
     assert c.storage_url == f"file://{tmp_path.resolve()}/objects"
     assert (c.gateway.port, c.api.port) == (8443, 8080)
     assert c.trusted_proxies == ()
+    assert (c.delta_previous_releases, c.delta_max_payload_bytes) == (2, 4 << 30)
     o = c.with_overrides(database_url="postgresql://db/skylift", storage_url=None)
     assert o.database_url == "postgresql://db/skylift"
     assert o.storage_url == c.storage_url
@@ -44,6 +45,12 @@ def test_absolute_urls_are_kept(tmp_path: Path) -> None:
         ("interval_s = 300", "interval_s = 1", "interval_s"),
         ('url = "sqlite:///hub.db"', "", "[database] url is missing"),
         ("[hub]", "[hub", "not valid TOML"),
+        ("previous_releases = 2", "previous_releases = -1", "previous_releases must be 0..16"),
+        ("previous_releases = 2", "previous_releases = 17", "previous_releases must be 0..16"),
+        ("previous_releases = 2", 'previous_releases = "2"', "previous_releases must be 0..16"),
+        ("max_payload_bytes = 4294967296", "max_payload_bytes = 0", "max_payload_bytes"),
+        ("interval_s = 30\n", "interval_s = 0\n", "[deltas] interval_s must be 1..3600"),
+        ("interval_s = 30\n", "interval_s = 3601\n", "[deltas] interval_s must be 1..3600"),
     ],
 )
 def test_bad_values_are_one_line(tmp_path: Path, old: str, new: str, message: str) -> None:
@@ -54,6 +61,23 @@ def test_bad_values_are_one_line(tmp_path: Path, old: str, new: str, message: st
         load_config(tmp_path)
     assert message in info.value.diagnostics()
     assert "\n" not in info.value.diagnostics()
+
+
+def test_delta_settings(tmp_path: Path) -> None:
+    write_config(tmp_path, name="lab", gateway_port=8443, api_port=8080)
+    path = tmp_path / CONFIG_NAME
+    text = path.read_text().replace("previous_releases = 2", "previous_releases = 0")
+    text = text.replace("interval_s = 30\n", "interval_s = 2\n")
+    path.write_text(text.replace("max_payload_bytes = 4294967296", "max_payload_bytes = 1048576"))
+    c = load_config(tmp_path)
+    assert (c.delta_previous_releases, c.delta_max_payload_bytes) == (0, 1 << 20)
+    assert c.delta_interval_s == 2
+    # A hub.toml written before the setting existed gets the defaults.
+    text = path.read_text()
+    path.write_text(text[: text.index("[deltas]")])
+    c = load_config(tmp_path)
+    assert (c.delta_previous_releases, c.delta_max_payload_bytes) == (2, 4 << 30)
+    assert c.delta_interval_s == 30
 
 
 def test_not_a_hub_directory(tmp_path: Path) -> None:

@@ -61,7 +61,9 @@ __all__ = [
 ]
 
 product_app = typer.Typer(no_args_is_help=True, help="Products and their image repositories.")
-release_app = typer.Typer(no_args_is_help=True, help="Publish bundles to the hub.")
+release_app = typer.Typer(
+    no_args_is_help=True, help="Publish bundles to the hub; list and show releases."
+)
 devices_app = typer.Typer(no_args_is_help=True, help="Inspect and manage devices.")
 deploy_app = typer.Typer(no_args_is_help=True, help="Roll releases out in phases.")
 provisioning_app = typer.Typer(
@@ -398,6 +400,93 @@ def release_push(
         f"released {product} {release['version']}: {len(unique)} chunks, "
         f"{human_size(uploaded)} uploaded"
     )
+
+
+def _size(value: object) -> str:
+    return human_size(value) if isinstance(value, int) else ""
+
+
+def _deltas_summary(release: dict[str, Any]) -> str:
+    """``2 ready, 1 pending`` for a release's deltas; ``-`` without any."""
+    counts: dict[str, int] = {}
+    for d in release.get("deltas") or []:
+        status = _plain(d.get("status"))
+        counts[status] = counts.get(status, 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "-"
+
+
+def _deltas_table(items: list[dict[str, Any]]) -> Table:
+    table = Table(title="per-pair deltas")
+    for col in ("from", "payload", "status", "delta", "chunk plan", "saved", "error"):
+        table.add_column(col)
+    for d in items:
+        length, plan = d.get("length"), d.get("chunk_plan_bytes")
+        saved = (
+            f"{100 * (1 - length / plan):.0f}%"
+            if isinstance(length, int) and isinstance(plan, int) and plan > 0
+            else ""
+        )
+        table.add_row(
+            _t(d.get("from_version")), _t(d.get("payload")), _t(d.get("status")),
+            _t(_size(length)), _t(_size(plan)), _t(saved), _t(d.get("error")),
+        )  # fmt: skip
+    return table
+
+
+@release_app.command("list")
+def release_list(
+    product: Annotated[str, typer.Argument(help="The product.")],
+    as_json: _JSON = False,
+) -> None:
+    """A product's releases, newest first, with how many of their deltas are ready."""
+    with _client() as client:
+        items = client.json("GET", f"/products/{_seg(product, 'product name')}/releases")["items"]
+    if as_json:
+        _print_json(items)
+        return
+    table = Table()
+    for col in ("version", "payloads", "stored", "hardware", "deltas", "created", "by"):
+        table.add_column(col)
+    for r in items:
+        table.add_row(
+            _t(r.get("version")), _t(_size(r.get("payload_size"))),
+            _t(_size(r.get("stored_size"))), _t(", ".join(r.get("hardware_ids") or [])),
+            _t(_deltas_summary(r)), _t(r.get("created")), _t(r.get("created_by")),
+        )  # fmt: skip
+    out.print(table)
+
+
+@release_app.command("show")
+def release_show(
+    product: Annotated[str, typer.Argument(help="The product.")],
+    version: Annotated[str, typer.Argument(help="The release's version.")],
+    as_json: _JSON = False,
+) -> None:
+    """One release: its target, sizes, bandwidth, and its per-pair deltas."""
+    path = f"/products/{_seg(product, 'product name')}/releases/{_seg(version, 'version')}"
+    with _client() as client:
+        r = client.json("GET", path)
+    if as_json:
+        _print_json(r)
+        return
+    grid = Table.grid(padding=(0, 2))
+    rows = [
+        ("release", f"{product} {r.get('version')}"), ("target", r.get("target")),
+        ("sha256", r.get("sha256")), ("hardware", ", ".join(r.get("hardware_ids") or [])),
+        ("payloads", _size(r.get("payload_size"))), ("stored", _size(r.get("stored_size"))),
+        ("created", f"{r.get('created')} by {r.get('created_by')}"),
+    ]  # fmt: skip
+    for k, v in rows:
+        grid.add_row(Text(k, style="bold"), _t(v))
+    out.print(grid)
+    bandwidth = _bandwidth_line(r.get("bandwidth"))
+    if bandwidth:
+        out.print(Text(bandwidth))
+    deltas = r.get("deltas") or []
+    if deltas:
+        out.print(_deltas_table(deltas))
+    else:
+        _say("no per-pair deltas (yet)")
 
 
 # -- devices --------------------------------------------------------------------------------------

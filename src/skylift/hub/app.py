@@ -3,7 +3,7 @@
 Each module named below exposes ``routes(ctx) -> list[BaseRoute]`` and may
 expose ``background(ctx) -> list[Callable[[], Awaitable[None]]]``: loops
 that run for the life of the process (batched last-seen writes, rollout
-ticks, timestamp re-signing).
+ticks, timestamp re-signing, per-pair deltas).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from skylift.hub import dashboard, rollouts
+from skylift.hub import dashboard, deltas, rollouts
 from skylift.hub.api import core, deployments, devices, products, releases
 from skylift.hub.gateway import routes as gateway_routes
 from skylift.hub.web import HubContext, error_response
@@ -43,7 +43,7 @@ GATEWAY_MODULES: tuple[ModuleType, ...] = (gateway_routes,)
 #: Dashboard route modules, mounted at / on the management port.
 DASHBOARD_MODULES: tuple[ModuleType, ...] = (dashboard,)
 #: Modules with background loops that are not route modules (run by the API app).
-BACKGROUND_MODULES: tuple[ModuleType, ...] = (rollouts,)
+BACKGROUND_MODULES: tuple[ModuleType, ...] = (rollouts, deltas)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

@@ -16,10 +16,23 @@ from typing import Any
 from skylift.errors import UserInputError
 from skylift.fsutil import atomic_write, read_bounded
 
-__all__ = ["CONFIG_NAME", "HubConfig", "ListenConfig", "load_config", "write_config"]
+__all__ = [
+    "CONFIG_NAME",
+    "DEFAULT_DELTA_MAX_PAYLOAD_BYTES",
+    "DEFAULT_DELTA_PREVIOUS_RELEASES",
+    "HubConfig",
+    "ListenConfig",
+    "load_config",
+    "write_config",
+]
 
 CONFIG_NAME = "hub.toml"
 _MAX_CONFIG_BYTES = 64 * 1024
+#: ``[deltas] previous_releases``: deltas to each release from this many before it.
+DEFAULT_DELTA_PREVIOUS_RELEASES = 2
+#: ``[deltas] max_payload_bytes``: larger payloads get no delta (4 GiB).
+DEFAULT_DELTA_MAX_PAYLOAD_BYTES = 4 * 1024**3
+_MAX_DELTA_PREVIOUS_RELEASES = 16
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,12 @@ class HubConfig:
     #: Request bodies above this are refused before they are read.
     max_request_bytes: int = 8 * 1024 * 1024
     device_cert_validity_days: int = 3650
+    #: Per-pair deltas: from this many previous releases of a product (0: none).
+    delta_previous_releases: int = DEFAULT_DELTA_PREVIOUS_RELEASES
+    #: Payloads larger than this (old or new) get no delta.
+    delta_max_payload_bytes: int = DEFAULT_DELTA_MAX_PAYLOAD_BYTES
+    #: Seconds between two looks for releases that need deltas, when none is pending.
+    delta_interval_s: int = 30
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -127,6 +146,26 @@ def load_config(directory: Path) -> HubConfig:
     poll = doc.get("poll", {})
     interval = poll.get("interval_s", 300)
     _require(type(interval) is int and 10 <= interval <= 86400, "[poll] interval_s", path)
+    deltas = doc.get("deltas", {})
+    _require(isinstance(deltas, dict), "[deltas] must be a table", path)
+    previous = deltas.get("previous_releases", DEFAULT_DELTA_PREVIOUS_RELEASES)
+    _require(
+        type(previous) is int and 0 <= previous <= _MAX_DELTA_PREVIOUS_RELEASES,
+        f"[deltas] previous_releases must be 0..{_MAX_DELTA_PREVIOUS_RELEASES}",
+        path,
+    )
+    max_payload = deltas.get("max_payload_bytes", DEFAULT_DELTA_MAX_PAYLOAD_BYTES)
+    _require(
+        type(max_payload) is int and max_payload > 0,
+        "[deltas] max_payload_bytes must be a positive integer",
+        path,
+    )
+    delta_interval = deltas.get("interval_s", 30)
+    _require(
+        type(delta_interval) is int and 1 <= delta_interval <= 3600,
+        "[deltas] interval_s must be 1..3600",
+        path,
+    )
     return HubConfig(
         directory=directory,
         name=name,
@@ -136,6 +175,9 @@ def load_config(directory: Path) -> HubConfig:
         api=_listen(doc.get("api", {}), "api", path),
         trusted_proxies=networks,
         poll_interval_s=interval,
+        delta_previous_releases=previous,
+        delta_max_payload_bytes=max_payload,
+        delta_interval_s=delta_interval,
     )
 
 
@@ -169,6 +211,14 @@ port = {api_port}
 
 [poll]
 interval_s = 300
+
+[deltas]
+# Per-pair deltas to each release from this many previous releases (0: none).
+previous_releases = 2
+# Payloads larger than this get no delta (the hub rebuilds both on its disk).
+max_payload_bytes = 4294967296
+# Seconds between two looks for new releases when no delta is pending.
+interval_s = 30
 """
     atomic_write(path, text.encode())
     return path

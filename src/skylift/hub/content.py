@@ -8,6 +8,8 @@ Layout in the object store:
     releases/<product>/<version>/<payload>.index.zst  the same, one zstd frame
     releases/<product>/<version>/<payload>.pack     the payload's chunks, in order
     releases/<product>/<version>/<payload>.offsets  u64 start of each chunk in the pack
+    releases/<product>/<version>/<payload>.<old sha256>.delta  a per-pair delta
+                                          (skylift.hub.deltas), from the old payload
 
 Chunks are named by the SHA-256 of their content and verified by decoding
 before they are stored, so one upload serves every later release that
@@ -49,6 +51,7 @@ __all__ = [
     "IngestedRelease",
     "ReleaseContent",
     "chunk_key",
+    "verify_index",
     "version_segment",
 ]
 
@@ -162,7 +165,7 @@ class ReleaseContent:
         if set(indexes) != {p.name for p in manifest.payloads}:
             raise ContentError("send one chunk index for each payload of the manifest")
         entries = {
-            p.name: _verify_index(p.name, indexes[p.name], manifest) for p in manifest.payloads
+            p.name: verify_index(p.name, indexes[p.name], manifest) for p in manifest.payloads
         }
         needed = {e.hexdigest for es in entries.values() for e in es}
         absent = self.missing(needed)
@@ -209,7 +212,15 @@ def _frame_size(stored: bytes, digest: str) -> int:
     return int(size)
 
 
-def _verify_index(name: str, data: bytes, manifest: Manifest) -> list[ChunkEntry]:
+def verify_index(name: str, data: bytes, manifest: Manifest) -> list[ChunkEntry]:
+    """The entries of payload ``name``'s index pages ``data``, each page checked.
+
+    The chain starts at the manifest's first page digest and must make
+    exactly the payload's chunks and bytes, with nothing after its last page.
+
+    Raises:
+        ContentError: the pages are oversized, do not verify, or are followed by bytes.
+    """
     payload = manifest.payload(name)
     if len(data) > MAX_INDEX_BYTES:
         raise ContentError(f"the index of {name} is larger than {MAX_INDEX_BYTES} bytes")

@@ -278,6 +278,23 @@ SCHEMAS: dict[str, Schema] = {
         description="What the devices that reported their sizes downloaded, against the "
         "size of the images they installed (saved: not downloaded whole, uncompressed)",
     ),
+    "ReleaseDelta": _obj(
+        {
+            "from_version": _STR,
+            "payload": _STR,
+            "status": {"enum": ["pending", "ready", "larger", "too_large", "failed"]},
+            "length": _null({"type": "integer", "minimum": 1}),
+            "sha256": _null({"type": "string", "pattern": _HEX64}),
+            "chunk_plan_bytes": _null({"type": "integer", "minimum": 0}),
+            "error": _null(_STR),
+            "seconds": _null({"type": "number", "minimum": 0}),
+            "created": _TIME,
+            "finished": _null(_TIME),
+        },
+        description="A per-pair delta from an older release's payload: ready ones are offered "
+        "to devices; larger (than the chunk plan of a device running that release) ones are "
+        "not; too_large and failed say why in error",
+    ),
     "Release": _obj(
         {
             "version": _STR,
@@ -290,6 +307,7 @@ SCHEMAS: dict[str, Schema] = {
             "bandwidth": ref("Bandwidth"),
             "created": _TIME,
             "created_by": _STR,
+            "deltas": _list(ref("ReleaseDelta")),
         },
         required=[
             "version",
@@ -301,6 +319,7 @@ SCHEMAS: dict[str, Schema] = {
             "stored_size",
             "created",
             "created_by",
+            "deltas",
         ],
         closed=False,
     ),
@@ -531,6 +550,9 @@ OPERATIONS: tuple[Operation, ...] = (
               status=201, answer=ref("Release"), conflicts=True),
     Operation("GET", "/products/{name}/releases", "viewer", "List a product's releases",
               "releases", params=(_PRODUCT,), answer=_items("Release")),
+    Operation("GET", "/products/{name}/releases/{version}", "viewer",
+              "Show a release, with its per-pair deltas", "releases",
+              params=(_PRODUCT, Param("version", "path", _STR)), answer=ref("Release")),
     Operation("POST", "/deployments", "operator", "Start a deployment", "deployments",
               body=ref("DeploymentCreate"), status=201, answer=ref("DeploymentStatus"),
               conflicts=True),

@@ -81,7 +81,7 @@ from sqlalchemy.orm import Session
 from tuf.api.metadata import Metadata, TargetFile
 
 from skylift.errors import SkyliftError
-from skylift.hub import gateway, web
+from skylift.hub import deltas, gateway, web
 from skylift.hub.auth import Role
 from skylift.hub.db.models import (
     AuditEntry,
@@ -374,6 +374,13 @@ def _devices(
 def release_target(ctx: HubContext, session: Session, deployment: Deployment) -> TargetFile:
     """The image repository's target of the deployment's release, as the director must name it.
 
+    Length, hashes and custom fields are the image repository's; the custom
+    field ``deltas`` is the director's own: the release's ready per-pair
+    deltas (:func:`skylift.hub.deltas.offered`). It is read afresh on each
+    call, so a delta made during a rollout reaches the devices assigned
+    after it; the same deltas make the same target, so the director re-signs
+    nothing for them.
+
     Raises:
         Conflict: the image repository does not list the release (it was
             published without the hub, or the store lost it).
@@ -389,7 +396,7 @@ def release_target(ctx: HubContext, session: Session, deployment: Deployment) ->
             f"the image repository of {product.name} does not list {release.target_path}",
             hint="the object store and the database disagree; restore the store",
         )
-    return target
+    return deltas.director_target(target, deltas.offered(session, release.id))
 
 
 def _signal_director(

@@ -129,6 +129,7 @@ _FILL = {
     "id": "1",
     "digest": "0" * 64,
     "file": "metadata/root.json",
+    "version": "1.0.0",
 }
 
 

@@ -116,14 +116,18 @@ class Exploded:
     custom: dict[str, Any]
 
 
+_CDC_16K = ChunkingParams.cdc(16384)
+
+
 def make_bundle(
     version: str,
     image: bytes,
     *,
     signers: list[CryptoSigner] | None = None,
     product: str = PRODUCT,
+    chunking: ChunkingParams | None = _CDC_16K,
 ) -> Exploded:
-    """A real bundle with a ``rootfs`` payload, exploded."""
+    """A real bundle with a ``rootfs`` payload, exploded (``chunking`` None: the writer's default)."""
     out = io.BytesIO()
     with tempfile.TemporaryFile() as spool:
         write_bundle(
@@ -131,9 +135,7 @@ def make_bundle(
             product=product,
             version=version,
             compatible=("hw1",),
-            payloads=[
-                PayloadSource("rootfs", io.BytesIO(image), chunking=ChunkingParams.cdc(16384))
-            ],
+            payloads=[PayloadSource("rootfs", io.BytesIO(image), chunking=chunking)],
             hooks=[],
             signers=signers or [RELEASE],
             spool=spool,

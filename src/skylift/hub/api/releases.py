@@ -42,7 +42,7 @@ from tuf.api.metadata import TargetFile
 
 from skylift.bundle import BundleError, Manifest, TrustedKeys, check_name, read_head
 from skylift.errors import UserInputError
-from skylift.hub import bandwidth, web
+from skylift.hub import bandwidth, deltas, web
 from skylift.hub.api.common import (
     Body,
     Query,
@@ -56,7 +56,7 @@ from skylift.hub.auth import Role
 from skylift.hub.content import MAX_INDEX_BYTES, ContentError
 from skylift.hub.db.models import Product, Release
 from skylift.hub.repositories import MAX_HEAD_BYTES, ReleaseRejectedError
-from skylift.hub.web import Conflict, HubContext
+from skylift.hub.web import Conflict, HubContext, NotFound
 from skylift.trust.repository import MAX_METADATA_BYTES
 
 __all__ = [
@@ -64,6 +64,7 @@ __all__ = [
     "MAX_MISSING_DIGESTS",
     "MAX_MISSING_REQUEST_BYTES",
     "MAX_RELEASE_REQUEST_BYTES",
+    "delta_json",
     "release_json",
     "routes",
 ]
@@ -81,8 +82,26 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 _CODECS = {"0": 0, "1": 1}
 
 
-def release_json(release: Release) -> dict[str, Any]:
-    """A release as the API shows it."""
+def delta_json(delta: deltas.DeltaSummary) -> dict[str, Any]:
+    """One per-pair delta of a release, as the API shows it."""
+    return {
+        "from_version": delta.from_version,
+        "payload": delta.payload,
+        "status": delta.status,
+        "length": delta.length,
+        "sha256": delta.sha256,
+        "chunk_plan_bytes": delta.chunk_plan_bytes,
+        "error": delta.error,
+        "seconds": delta.seconds,
+        "created": rfc3339(delta.created),
+        "finished": rfc3339(delta.finished) if delta.finished is not None else None,
+    }
+
+
+def release_json(
+    release: Release, release_deltas: list[deltas.DeltaSummary] | None = None
+) -> dict[str, Any]:
+    """A release as the API shows it, with its per-pair deltas (none yet by default)."""
     hardware = release.custom.get("hardware_ids")
     return {
         "version": release.version,
@@ -95,6 +114,7 @@ def release_json(release: Release) -> dict[str, Any]:
         "manifest_sha256": release.manifest_digest,
         "created": rfc3339(release.created),
         "created_by": release.created_by,
+        "deltas": [delta_json(d) for d in release_deltas or []],
     }
 
 
@@ -326,14 +346,38 @@ def routes(ctx: HubContext) -> list[BaseRoute]:
                         .order_by(Release.id.desc())
                     )
                 )
-                totals = bandwidth.by_release(session, [r.id for r in rows])
-                return [release_json(r) | {"bandwidth": totals[r.id]} for r in rows]
+                ids = [r.id for r in rows]
+                totals = bandwidth.by_release(session, ids)
+                made = deltas.release_deltas(session, ids)
+                return [release_json(r, made[r.id]) | {"bandwidth": totals[r.id]} for r in rows]
 
         return JSONResponse({"items": await web.run(work)})
+
+    async def show_release(request: Request) -> Response:
+        who = await authorize(ctx, request, Role.VIEWER, "showing a release")
+        Query(request, allowed=())
+        version = request.path_params["version"]
+
+        def work() -> dict[str, Any]:
+            with ctx.transaction() as session:
+                product = find_product(session, who, request.path_params["name"])
+                release = session.scalars(
+                    select(Release).where(
+                        Release.product_id == product.id, Release.version == version
+                    )
+                ).one_or_none()
+                if release is None:
+                    raise NotFound(f"{product.name} has no release {version[:80]!r}")
+                totals = bandwidth.by_release(session, [release.id])
+                made = deltas.release_deltas(session, [release.id])
+                return release_json(release, made[release.id]) | {"bandwidth": totals[release.id]}
+
+        return JSONResponse(await web.run(work))
 
     return [
         route("/chunks/missing", missing, "POST"),
         route("/chunks/{digest}", put_chunk, "PUT"),
         route("/products/{name}/releases", create_release, "POST"),
         route("/products/{name}/releases", list_releases, "GET"),
+        route("/products/{name}/releases/{version}", show_release, "GET"),
     ]

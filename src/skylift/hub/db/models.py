@@ -10,6 +10,7 @@ Deletion policy (``ON DELETE``):
 - rows that only describe one parent go with it (``CASCADE``): a device's
   tags, slots, events, director metadata and rollout rows; a deployment's
   phases and per-device rows; a product's release keys; a user's tokens;
+  a release's deltas;
 - records are never deleted from under something else (``NO ACTION``): a
   product with devices or releases, a release with deployments, an
   organisation with anything in it. The hub revokes, disables or aborts
@@ -55,6 +56,7 @@ __all__ = [
     "ApiToken",
     "AuditEntry",
     "Base",
+    "DeltaStatus",
     "Deployment",
     "DeploymentDevice",
     "DeploymentPhase",
@@ -70,6 +72,7 @@ __all__ = [
     "Product",
     "ProvisioningKey",
     "Release",
+    "ReleaseDelta",
     "ReleaseKey",
     "Role",
     "RolloutStatus",
@@ -210,6 +213,19 @@ class RolloutStatus(enum.StrEnum):
     COMMITTED = "committed"
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"
+
+
+class DeltaStatus(enum.StrEnum):
+    """Where one per-pair delta is (``skylift.hub.deltas``)."""
+
+    PENDING = "pending"
+    #: Made, checked, stored, smaller than the chunk plan: offered to devices.
+    READY = "ready"
+    #: Made and checked, but not smaller than the chunk plan: not stored, not offered.
+    LARGER = "larger"
+    #: A payload is over the hub's ``[deltas] max_payload_bytes``: not attempted.
+    TOO_LARGE = "too_large"
+    FAILED = "failed"
 
 
 def _enum(cls: type[enum.StrEnum], name: str) -> sa.Enum:
@@ -629,8 +645,52 @@ class Release(Base):
     stored_size: Mapped[int] = mapped_column(BigInteger)
     created: Mapped[datetime] = mapped_column(default=utcnow)
     created_by: Mapped[str] = mapped_column(String(_NAME))
+    #: How many previous releases' deltas were planned (rows made); None: not yet.
+    delta_depth: Mapped[int | None] = mapped_column(Integer)
 
     product: Mapped[Product] = relationship()
+
+
+class ReleaseDelta(Base):
+    """A per-pair delta: the bytes that turn one payload of ``from_release`` into ``release``'s.
+
+    ``from_sha256`` and ``from_size`` are the old payload's (from its
+    manifest); ``length`` and ``sha256`` the delta's, once made;
+    ``plan_bytes`` what the chunk plan would download instead for a device
+    running exactly the old release (compressed index plus the missing
+    chunks). ``lease_until`` keeps other hub processes off a delta being
+    made; ``error`` says, in one line, why it failed or was skipped.
+    """
+
+    __tablename__ = "release_deltas"
+    __table_args__ = (
+        UniqueConstraint("release_id", "from_release_id", "payload"),
+        # The work queue (pending, newest release first) and what a release offers.
+        Index(None, "status", "release_id"),
+        CheckConstraint("from_release_id < release_id", name="older"),
+        CheckConstraint("length IS NULL OR length > 0", name="length"),
+    )
+    _repr_fields = ("id", "release_id", "from_release_id", "payload", "status", "length")
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id", ondelete="CASCADE"))
+    from_release_id: Mapped[int] = mapped_column(ForeignKey("releases.id", ondelete="CASCADE"))
+    payload: Mapped[str] = mapped_column(String(64))
+    from_sha256: Mapped[str] = mapped_column(String(_SHA256_HEX))
+    from_size: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[DeltaStatus] = mapped_column(
+        _enum(DeltaStatus, "status"), default=DeltaStatus.PENDING
+    )
+    length: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(_SHA256_HEX))
+    plan_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(Text)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_until: Mapped[datetime | None] = mapped_column()
+    finished: Mapped[datetime | None] = mapped_column()
+
+    from_release: Mapped[Release] = relationship(foreign_keys=[from_release_id])
 
 
 class Deployment(Base):

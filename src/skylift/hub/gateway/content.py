@@ -1,8 +1,10 @@
 """Serving what devices download: TUF repository files and release content with ranges.
 
-Release content (``.index``, ``.index.zst``, ``.offsets``, ``.pack``) is immutable once
-published, so it is served with ``Cache-Control: immutable`` and an ETag
-derived from its object key: any CDN may keep it forever. Large bodies are
+Release content (``.index``, ``.index.zst``, ``.offsets``, ``.pack``, and
+``<payload>.<old payload sha256>.delta``, the per-pair deltas of
+:mod:`skylift.hub.deltas`) is immutable once published, so it is served with
+``Cache-Control: immutable`` and an ETag derived from its object key: any CDN
+may keep it forever. Large bodies are
 streamed from the object store in bounded reads; several ranges in one
 request are answered with ``multipart/byteranges``, at most
 :data:`MAX_MULTIRANGE_BYTES` per response.
@@ -21,7 +23,7 @@ from skylift.hub import web
 from skylift.hub.content import version_segment
 from skylift.hub.gateway.poll import etag_matches
 from skylift.hub.ranges import ByteRange, RangeNotSatisfiable, multipart_body, parse_range
-from skylift.hub.storage import ObjectStore
+from skylift.hub.storage import ObjectNotFoundError, ObjectStore
 from skylift.hub.web import NotFound
 
 __all__ = [
@@ -43,12 +45,17 @@ _OCTETS = "application/octet-stream"
 
 # As the manifest allows them (skylift.bundle.manifest).
 _VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.+~_-]{0,63}")
-_RELEASE_FILE = re.compile(r"([a-z0-9][a-z0-9_-]{0,62})\.(index|index\.zst|offsets|pack)")
+_RELEASE_FILE = re.compile(
+    r"([a-z0-9][a-z0-9_-]{0,62})\.(index|index\.zst|offsets|pack|[0-9a-f]{64}\.delta)"
+)
 _VERSIONED_METADATA = re.compile(r"metadata/\d+\.[a-z]+\.json")
 
 
 def parse_release_file(version: str, name: str) -> tuple[str, str]:
     """``(version, "<payload>.<kind>")`` if both are well formed.
+
+    Kinds: ``index``, ``index.zst``, ``offsets``, ``pack``, and
+    ``<64 lowercase hex>.delta`` (a delta from the old payload of that SHA-256).
 
     Raises:
         NotFound: anything else (a device asking for junk gets 404, never 400).
@@ -96,10 +103,14 @@ async def serve_object(request: Request, store: ObjectStore, key: str) -> Respon
     """Serve an immutable object with ETag, ``If-None-Match`` and ``Range`` support.
 
     Raises:
-        ObjectNotFoundError: nothing is stored under ``key`` (404).
+        NotFound: nothing is stored under ``key`` (404, naming the file, not the store).
         StorageError: the store failed (503).
     """
-    size = await web.run(store.size, key)
+    try:
+        size = await web.run(store.size, key)
+    except ObjectNotFoundError:
+        # The store's own message names its location (a path, a bucket): not for devices.
+        raise NotFound(f"no such file: {key.rsplit('/', 1)[-1][:120]}") from None
     etag = '"' + hashlib.sha256(key.encode()).hexdigest()[:32] + '"'
     headers = {"ETag": etag, "Cache-Control": IMMUTABLE, "Accept-Ranges": "bytes"}
     if etag_matches(request.headers.get("if-none-match"), etag.strip('"')):
