@@ -68,7 +68,11 @@ _REPO = _BENCH.parent
 _MB = 1_000_000
 _PAIRS = {"small": ("v1", "v1s"), "big": ("v1", "v2")}
 _TYPES = {"ext4": "ext4", "squashfs": "sqfs", "tar": "tar"}
-_CHUNKINGS = ("cdc:64K", "cdc:16K", "cdc:8K", "fixed:4K")
+#: "default": no --chunking, the writer's pick for the payload type (ADR 0005); its row
+#: also measures the per-pair delta from the old image (``delta plan --pair-delta``).
+_CHUNKINGS = ("default", "cdc:64K", "cdc:16K", "cdc:8K", "fixed:4K")
+_DEFAULT = "skylift default"
+_PAIR_DELTA = "skylift per-pair delta"
 #: Debian package of each tool the bench drives (the Makefile's DELTA_BENCH_DEBS).
 _TOOLS = {
     "zstd": "zstd",
@@ -81,6 +85,7 @@ _TOOLS = {
 }
 _ANCHORS = ("zstd -19", "casync", "zchunk", "xdelta3", "ostree")
 _DIFF_ANCHORS = ("casync", "zchunk", "xdelta3")
+_CDC_ANCHORS = ("casync", "zchunk")
 
 
 @dataclass
@@ -105,12 +110,17 @@ class Case:
     def best(
         self, methods: Sequence[str] = (), *, skylift: bool = False, estimates: bool = False
     ) -> Row | None:
-        """The row with the fewest bytes among ``methods``, or Skylift's (measured or estimated)."""
+        """The row with the fewest bytes among ``methods``, or Skylift's chunk plans.
+
+        ``skylift``: the chunk plans, measured or (``estimates``) estimated; the
+        per-pair delta is not one (see :func:`_aim_lines`).
+        """
 
         def wanted(r: Row) -> bool:
             if not skylift:
                 return r.method in methods
-            return r.method.startswith("skylift") and ("(est.)" in r.method) == estimates
+            chunk_plan = r.method.startswith("skylift") and r.method != _PAIR_DELTA
+            return chunk_plan and ("(est.)" in r.method) == estimates
 
         chosen = [r for r in self.rows if r.download_bytes is not None and wanted(r)]
         return min(chosen, key=lambda r: r.download_bytes or 0, default=None)
@@ -222,11 +232,13 @@ class DeltaBench:
             bundle = self.work / "new.bundle"
             rows = [Row(f"skylift {spec}")]
             try:
+                default = spec == "default"
+                chunking = () if default else ("--chunking", f"rootfs={spec}")
                 create_s, create_rss, _ = _run(
                     _skylift(
                         "bundle", "create", "--product", "bench", "--version", "2",
                         "--hardware", "bench-board", "--payload", f"rootfs={case.new}",
-                        "--chunking", f"rootfs={spec}", "--key", self.key, "-o", bundle,
+                        *chunking, "--key", self.key, "-o", bundle,
                     ),
                     self.work,
                 )  # fmt: skip
@@ -234,11 +246,26 @@ class DeltaBench:
                     _skylift(
                         "delta", "plan", "--seed", case.old, bundle, "--json",
                         "--key", self.key.with_suffix(".pub"),
+                        *(("--pair-delta",) if default else ()),
                     ),
                     self.work,
                 )  # fmt: skip
                 doc = json.loads(text)
                 _fill(rows[0], doc)
+                if default:
+                    rows[0].method = f"{_DEFAULT} ({_describe(doc['chunking'])})"
+                    pair = doc["pair_delta"]
+                    rows.append(
+                        Row(
+                            _PAIR_DELTA,
+                            int(pair["bytes"]),
+                            1,
+                            f"from exactly {case.old.name}, the delta a hub offers (skylift."
+                            f"chunks.delta; literals against the old bytes); made in "
+                            f"{pair['seconds']:.1f} s with the plan; the hub offers it: "
+                            f"{'yes' if doc['method'] == 'delta' else 'no (chunks smaller)'}",
+                        )
+                    )
                 rows[0].detail.update(
                     bundle_bytes=bundle.stat().st_size,
                     create_s=round(create_s, 1),
@@ -583,6 +610,44 @@ def _ratio(a: Row | None, b: Row | None) -> str:
     return f"{(a.download_bytes or 0) / b.download_bytes:.2f}x"
 
 
+def _describe(chunking: dict[str, Any]) -> str:
+    if chunking["algorithm"] == "fixed":
+        return f"fixed {chunking['avg_size'] // 1024}K"
+    return f"cdc {chunking['avg_size'] // 1024}K"
+
+
+def _row(case: Case, prefix: str) -> Row | None:
+    return next(
+        (r for r in case.rows if r.method.startswith(prefix) and r.download_bytes is not None),
+        None,
+    )
+
+
+def _aim_lines(cases: Sequence[Case]) -> list[str]:
+    """Issue 5's aims, per pair: what a device downloads with the defaults."""
+
+    def name(r: Row | None) -> str:
+        return f"{r.method} {_mb(r.download_bytes)} MB" if r else "-"
+
+    lines = []
+    for c in cases:
+        chunks, pair = _row(c, _DEFAULT), _row(c, _PAIR_DELTA)
+        offered = min(
+            (r for r in (chunks, pair) if r is not None),
+            key=lambda r: r.download_bytes or 0,
+            default=None,
+        )
+        lines.append(
+            f"{c.pair} {c.image}: from exactly the old version, {name(offered)} = "
+            f"{_ratio(offered, c.best(_ANCHORS))} the best anchor ({name(c.best(_ANCHORS))}), "
+            f"{_ratio(offered, c.best(_DIFF_ANCHORS))} the best of casync/zchunk/xdelta3; "
+            f"from any version (chunks), {name(chunks)} = "
+            f"{_ratio(chunks, c.best(_CDC_ANCHORS))} the best of casync/zchunk "
+            f"({name(c.best(_CDC_ANCHORS))})"
+        )
+    return lines
+
+
 def _ratio_lines(cases: Sequence[Case]) -> list[str]:
     lines = []
 
@@ -678,7 +743,15 @@ def _write_markdown(
         "",
         *_table(cases),
         "",
-        "## Ratios (Skylift's best chunking to the best anchor)",
+        "## Aims (issue 5): the defaults against the anchors",
+        "",
+        "With the defaults a hub and an agent use: the per-pair delta when the device runs",
+        "exactly the old version and the delta is smaller, else the chunk plan of the default",
+        "chunking (which any old version gets).",
+        "",
+        *[f"- {ln}" for ln in _aim_lines(cases)],
+        "",
+        "## Ratios (Skylift's best chunk plan, any chunking, to the best anchor)",
         "",
         *[f"- {ln}" for ln in _ratio_lines(cases)],
         "",
@@ -714,7 +787,7 @@ def main() -> None:
         _apply_child(*args.apply_child)
         return
     if args.quick:
-        args.pairs, args.types, args.chunkings = "small", "tar", "cdc:64K,fixed:4K"
+        args.pairs, args.types, args.chunkings = "small", "tar", "default,fixed:4K"
     pairs = [p for p in args.pairs.split(",") if p]
     types = [t for t in args.types.split(",") if t]
     bad = [p for p in pairs if p not in _PAIRS] + [t for t in types if t not in _TYPES]
@@ -744,7 +817,10 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - start
     _print_text(cases)
-    print("\nratios (Skylift's best chunking, all bytes a device downloads, to the anchors):")
+    print("\naims (the defaults, all bytes a device downloads, to the anchors):")
+    for line in _aim_lines(cases):
+        print(f"  {line}")
+    print("\nratios (Skylift's best chunk plan, any chunking, to the anchors):")
     for line in _ratio_lines(cases):
         print(f"  {line}")
     print(_APPLIED if args.apply else _NOT_APPLIED)

@@ -41,6 +41,11 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert len(pushed) == 2 and pushed[0][0] == pushed[0][1]
     assert 0 < int(pushed[1][0]) < int(pushed[1][1]) / 2
     assert "1.1.0: 2 committed it, 1 rolled back by itself" in out
+    # The hub made a per-pair delta from 1.0.0, and the devices, all on 1.0.0, took it:
+    # kilobytes each, where the chunk plan is hundreds of KiB.
+    assert re.search(r"1\.0\.0\W+rootfs\W+ready\b", out), out
+    fetched = re.findall(r"sensor-0\d fetched ([\d.]+) (B|KiB) for 1\.1\.0", out)
+    assert len(fetched) == 3 and all(float(n) < 64 for n, _ in fetched), fetched
     # deploy status adds up what the three devices reported downloading (the hub's accounting).
     assert re.search(r"bandwidth: 3 devices downloaded [\d.]+ [KM]iB for 96\.0 MiB of images", out)
     assert "sensor-03 rolled back 1.1.0: health_check hook health-check exited with status 1" in out

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import IO, Any, TextIO
 
 from skylift.bundle import ChunkData, TrustedKeys, read_body, read_head
+from skylift.cli.common import human_size
 from skylift.fleet.devices import DeviceSpec, Fleet, FleetError, die_with_parent, log_tail
 from skylift.trust.keys import load_public_key
 
@@ -58,6 +59,8 @@ DEVICES = (
 CANARY = "sensor-01"
 #: How often the hub tells devices to poll (its minimum; the default is 300 s).
 HUB_POLL_S = 10
+#: How often the demo hub looks for releases to make per-pair deltas for (default 30 s).
+HUB_DELTA_S = 2
 #: Bounds of the waits, in seconds.
 HUB_START_S = 30.0
 ENROLL_S = 30.0
@@ -311,6 +314,18 @@ class Demo:
         images[V2] = make_image(work, f"rootfs-{V2}.ext4", tree)
         bundles[V2] = self._bundle(V2, images[V2])
         pushed[V2] = self._push(bundles[V2])
+        self.print(f"# in the background the hub makes a per-pair delta from {V1} to {V2}:"
+                   f"\n# devices running exactly {V1} download it instead of chunks")  # fmt: skip
+        release_path = f"/products/{PRODUCT}/releases/{V2}"
+        self.wait_for(
+            lambda: any(
+                d.get("status") not in ("pending", None)
+                for d in self._api("GET", release_path).get("deltas") or []
+            ),
+            60,
+            f"the hub's delta from {V1} to {V2}",
+        )
+        self.run("release", "show", PRODUCT, V2)
 
         self.say(f"8. Deploy {V2} in two phases: the canary first, then everyone")
         self.print(
@@ -384,11 +399,15 @@ class Demo:
         token_file.write_text(p.stdout.strip() + "\n")
         config = self.hub_dir / "hub.toml"
         text = config.read_text()
-        if "\ninterval_s = 300\n" not in text:
-            raise DemoError(f"{config} has no [poll] interval_s = 300 to shorten")
-        config.write_text(text.replace("\ninterval_s = 300\n", f"\ninterval_s = {HUB_POLL_S}\n"))
+        for old in ("\ninterval_s = 300\n", "\ninterval_s = 30\n"):
+            if old not in text:
+                raise DemoError(f"{config} has no {old.strip()} to shorten")
+        text = text.replace("\ninterval_s = 300\n", f"\ninterval_s = {HUB_POLL_S}\n")
+        config.write_text(text.replace("\ninterval_s = 30\n", f"\ninterval_s = {HUB_DELTA_S}\n"))
         self.print(f"# in hub/hub.toml, [poll] interval_s = {HUB_POLL_S} (default 300): "
-                   f"devices poll every {HUB_POLL_S} s")  # fmt: skip
+                   f"devices poll every {HUB_POLL_S} s; [deltas] interval_s = {HUB_DELTA_S} "
+                   "(default 30): the hub looks for new releases to make deltas for every "
+                   f"{HUB_DELTA_S} s")  # fmt: skip
         self.print("$ skylift hub serve hub > hub.log 2>&1 &")
         self._hub_log_file = open(self.hub_log, "ab")  # noqa: SIM115 - closed in stop()
         self.hub = subprocess.Popen(
@@ -504,8 +523,9 @@ class Demo:
         uploads = [ln.strip() for ln in result.pushed[V2].splitlines() if "uploading" in ln]
         self.print(f"  release push {V2}: {uploads[0] if uploads else '?'}")
         self.print(f"  {V2} has {len(new)} chunks; {len(new) - len(fresh)} of them are in {V1}. "
-                   f"A device on {V1} fetches the other {len(fresh)}: "
-                   f"{_mib(sum(fresh.values()))} compressed, for a {_mib(size)} image")  # fmt: skip
+                   f"A device on {V1} would fetch the other {len(fresh)} as chunks: "
+                   f"{_mib(sum(fresh.values()))} compressed, for a {_mib(size)} image; "
+                   f"the hub's delta from {V1} replaces them")  # fmt: skip
         self.print("  (computed from the two bundles; what each device reported:)")
         for device_id, items in result.events.items():
             for e in items:
@@ -515,7 +535,7 @@ class Demo:
                     if isinstance(fetched, int) and isinstance(image, int) and image:
                         share = f"{100 * fetched / image:.1f}%"
                         self.print(
-                            f"    {device_id} fetched {_mib(fetched)} for {V2}, "
+                            f"    {device_id} fetched {human_size(fetched)} for {V2}, "
                             f"{share} of its {_mib(image)} image"
                         )
                     break

@@ -39,6 +39,7 @@ from skylift.agent.errors import ReportTransportError
 from skylift.agent.machine import FINAL_STATES
 from skylift.agent.plan import ByteRange
 from skylift.agent.ports import (
+    DeltaOffer,
     HubUnreachableError,
     Offer,
     PayloadOffer,
@@ -56,7 +57,8 @@ from skylift.bundle import (
     read_head,
     write_bundle,
 )
-from skylift.chunks import ChunkingParams
+from skylift.chunks import ChunkingParams, iter_chunks
+from skylift.chunks.delta import build_delta
 
 __all__ = [
     "PARAMS",
@@ -108,6 +110,43 @@ def build_bundle(
             created=_CREATED,
         )
     return out.getvalue()
+
+
+def make_delta(old: bytes, new: bytes, params: ChunkingParams = PARAMS) -> bytes:
+    """A per-pair delta from ``old`` to ``new``, as the hub makes it (skylift.chunks.delta)."""
+
+    def cut(data: bytes) -> list[tuple[int, int, bytes]]:
+        out, offset = [], 0
+        for chunk in iter_chunks(io.BytesIO(data), params):
+            out.append((offset, len(chunk), hashlib.sha256(chunk).digest()))
+            offset += len(chunk)
+        return out
+
+    frames: list[bytes] = []
+    header, ops = build_delta(
+        old_chunks=cut(old),
+        new_chunks=cut(new),
+        old_size=len(old),
+        new_size=len(new),
+        from_sha256=hashlib.sha256(old).digest(),
+        to_sha256=hashlib.sha256(new).digest(),
+        read_old=lambda o, n: old[o : o + n],
+        read_new=lambda o, n: new[o : o + n],
+        write_frame=frames.append,
+    )
+    return header + ops + b"".join(frames)
+
+
+def delta_offer(payload: str, from_version: str, old: bytes, delta: bytes) -> DeltaOffer:
+    """What the director names for ``delta``."""
+    return DeltaOffer(
+        payload,
+        from_version,
+        hashlib.sha256(old).hexdigest(),
+        len(old),
+        hashlib.sha256(delta).hexdigest(),
+        len(delta),
+    )
 
 
 def images(size: int = 2 * 1024 * 1024, seed: int = 11) -> tuple[bytes, bytes]:
@@ -332,6 +371,7 @@ class Faults:
     refuse: str | None = None  # check() refuses with this reason
     tamper_index: bool = False  # serve index pages that do not match the manifest
     fail_ranges_after: int | None = None  # unreachable after this many ranges served (once)
+    delta_cut_at: int | None = None  # a delta download stops (unreachable) at this byte, once
 
 
 class SimHub:
@@ -356,6 +396,9 @@ class SimHub:
         self.ranges_served = 0
         self.bytes_served = 0
         self._corrupted = 0
+        #: Delta files by ``<payload>.<from sha256>``, as the hub stores them.
+        self.deltas: dict[str, bytes] = {}
+        self.delta_bytes_served = 0
 
     # -- fault plumbing
 
@@ -415,6 +458,28 @@ class SimHub:
             self.ranges_served += 1
             self.bytes_served += len(data)
             yield r, bytes(data)
+
+    def fetch_delta(self, offer: Offer, delta: DeltaOffer, dest: Path) -> int:
+        self._request("delta")
+        self._mine(offer)
+        data = self.deltas.get(f"{delta.payload}.{delta.from_sha256}")
+        if data is None:
+            raise UpdateRefusedError("delta: the hub answered 404 Not Found")
+        have = dest.stat().st_size if dest.exists() else 0
+        if have > delta.length:
+            dest.unlink()
+            have = 0
+        end = len(data)
+        cut = self.faults.delta_cut_at
+        if cut is not None and have < cut < end:
+            self.faults.delta_cut_at = None
+            end = cut
+        with open(dest, "ab") as f:
+            f.write(data[have:end])
+        self.delta_bytes_served += end - have
+        if end < len(data):
+            raise HubUnreachableError("hub unreachable: connection reset")
+        return end - have
 
     def send(self, reports: Sequence[Report]) -> None:
         self.calls.append("send")

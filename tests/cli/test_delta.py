@@ -234,3 +234,39 @@ def test_refusals_are_one_line_and_write_nothing(
 def test_a_bad_seed_fails_in_a_subprocess(skylift: Skylift, images: Path) -> None:
     r = skylift("delta", "plan", "--seed", images / "seeds", images / "new.bundle")
     assert r.code == 1 and "is a directory" in r.error_line and r.out == ""
+
+
+def test_pair_delta_is_measured_and_chosen_when_smaller(
+    skylift_fast: SkyliftInProcess, images: Path
+) -> None:
+    args = ("delta", "plan", "--seed", images / "old.img", images / "new.bundle", "--json")
+    plain = _json(skylift_fast(*args))
+    assert plain["method"] == "chunks" and plain["pair_delta"] is None
+    refused = skylift_fast(*args, "--pair-delta")
+    assert refused.code != 0 and "give --key or --root" in refused.err
+    key = ("--key", images / "new.pub")
+    doc = _json(skylift_fast(*args, "--pair-delta", *key))
+    delta = doc["pair_delta"]
+    assert isinstance(delta, dict)
+    b = doc["bytes"]
+    assert isinstance(b, dict)
+    # Random blocks do not compress: the delta is the three new ones, and the repeat of one
+    # of them (a delta copies only from the old payload), plus a little; the chunk plan adds
+    # the head and the index to three blocks, so the delta wins.
+    literal = (len(CHANGED) + 1) * BLOCK
+    assert literal < delta["bytes"] < literal + 1024
+    assert delta["bytes"] < b["total"]
+    assert doc["method"] == "delta"
+    # A seed unrelated to the bundle: the delta is the whole payload, as is the chunk plan.
+    other = _json(
+        skylift_fast(
+            "delta", "plan", "--seed", images / "other.img", images / "new.bundle", "--json",
+            "--pair-delta", *key,
+        )
+    )  # fmt: skip
+    pair, totals = other["pair_delta"], other["bytes"]
+    assert isinstance(pair, dict) and isinstance(totals, dict)
+    assert pair["bytes"] > (BLOCKS - 1) * BLOCK  # one block repeats, within one frame
+    # Then the delta wins only by the head and index the chunk plan adds.
+    assert other["method"] == ("delta" if pair["bytes"] < totals["total"] else "chunks")
+    assert totals["total"] - pair["bytes"] < totals["head"] + totals["index"]

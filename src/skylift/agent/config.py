@@ -169,6 +169,7 @@ class DownloadConfig:
     max_gap_bytes: int
     max_ranges_per_request: int
     max_range_bytes: int
+    deltas: bool = True  # use a per-pair delta the director names (skylift.agent.pairdelta)
 
 
 @dataclass(frozen=True)
@@ -426,6 +427,7 @@ class _Parser:
                 "max_ranges_per_request", DEFAULT_MAX_RANGES_PER_REQUEST, low=1, high=256
             ),
             max_range_bytes=t.integer("max_range_bytes", 4 * _MIB, low=_MIB, high=256 * _MIB),
+            deltas=t.flag("deltas", True),
         )
         t.done()
         return download
@@ -515,6 +517,14 @@ class _Table:
             raise self.fail(key, f"must be an integer (got {type(value).__name__})")
         if not low <= value <= high:
             raise self.fail(key, f"must be from {low} to {high} (got {value})")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.get(key, False)
+        if value is _MISSING:
+            return default
+        if type(value) is not bool:
+            raise self.fail(key, f"must be true or false (got {type(value).__name__})")
         return value
 
     def seconds(self, key: str, default: float, *, low: float, high: float) -> float:

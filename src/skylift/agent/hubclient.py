@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import ssl
 import time
@@ -49,8 +50,10 @@ from tuf.ngclient.fetcher import FetcherInterface
 from skylift.agent import pkcs11
 from skylift.agent.config import AgentConfig
 from skylift.agent.errors import ReportRejectedError, ReportTransportError
+from skylift.agent.pairdelta import parse_deltas
 from skylift.agent.plan import ByteRange
 from skylift.agent.ports import (
+    DeltaOffer,
     HubUnreachableError,
     Offer,
     PayloadOffer,
@@ -309,6 +312,11 @@ def cross_check(
                 "(a downgrade must be allowed explicitly)"
             )
     deployment = wanted.custom.get("deployment_id")
+    # The director's own field (its online key signs it): optional, so a
+    # malformed entry costs the delta, not the update.
+    deltas, skipped = parse_deltas(wanted.custom)
+    for reason in skipped:
+        log.warning("director target %s: %s; ignored", name, reason)
     return Offer(
         product=product,
         version=version,
@@ -319,6 +327,7 @@ def cross_check(
         payloads=_payloads(custom, name),
         deployment_id=deployment if type(deployment) is int else None,
         custom=dict(custom),
+        deltas=deltas,
     )
 
 
@@ -911,6 +920,52 @@ class HubClient:
             parts = self._fetch_group(path, wanted) if wanted else []
             for r in group:
                 yield r, (_slice(parts, r) if r.length > 0 else b"")
+
+    def fetch_delta(self, offer: Offer, delta: DeltaOffer, dest: Path) -> int:
+        """Download a per-pair delta into ``dest`` (mode 0600), resuming after what it holds.
+
+        Range requests of at most ``[download] max_range_bytes`` each, so
+        memory stays bounded and an interrupted download resumes; at most
+        ``length / max_range_bytes + 1`` requests.
+
+        Raises:
+            HubUnreachableError: transport failure, timeout, 5xx (``dest`` keeps
+                what arrived).
+            UpdateRefusedError: another status (the hub has no such delta),
+                or an answer that is not the range asked.
+        """
+        path = self._release_path(offer, delta.payload, f"{delta.from_sha256}.delta")
+        piece = min(self._config.download.max_range_bytes, MAX_RANGE_REQUEST_BYTES)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # a file left by someone else keeps no wider mode
+        got = 0
+        with os.fdopen(fd, "ab") as f:
+            have = f.seek(0, os.SEEK_END)
+            if have > delta.length:
+                f.truncate(0)
+                have = 0
+            while have < delta.length:
+                n = min(piece, delta.length - have)
+                answer = self._content_answer(
+                    "delta",
+                    path,
+                    limit=n,
+                    headers={"Range": f"bytes={have}-{have + n - 1}"},
+                    ok=(206,),
+                )
+                content_range = answer.headers.get("Content-Range") or answer.headers.get(
+                    "content-range"
+                )
+                if answer.status != 206:
+                    self._refuse("delta: the hub answered the whole file, not the range asked")
+                if _content_range(content_range) != (have, have + n) or len(answer.body) != n:
+                    self._refuse("delta: the hub's answer is not the range asked")
+                f.write(answer.body)
+                f.flush()
+                have += n
+                got += n
+            os.fsync(f.fileno())
+        return got
 
     def _fetch_group(self, path: str, group: list[ByteRange]) -> list[tuple[int, bytes]]:
         header = "bytes=" + ",".join(r.header_value() for r in group)

@@ -70,6 +70,7 @@ from skylift import __version__
 from skylift.agent.errors import ReportTransportError
 from skylift.agent.plan import ByteRange
 from skylift.agent.ports import (
+    DeltaOffer,
     HubUnreachableError,
     Offer,
     PayloadOffer,
@@ -285,6 +286,14 @@ class LocalBundle:
         pack = self._pack(offer, payload)
         self._unchanged()
         return bytes(pack.index)
+
+    def fetch_delta(self, offer: Offer, delta: DeltaOffer, dest: Path) -> int:
+        """Never: a bundle file carries chunks, not deltas (its offers name none).
+
+        Raises:
+            UpdateRefusedError: always.
+        """
+        self._refuse("a bundle file has no per-pair deltas")
 
     def fetch_ranges(
         self, offer: Offer, payload: str, ranges: Sequence[ByteRange]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from skylift.agent.plan import ByteRange
@@ -28,6 +29,7 @@ from skylift.agent.reports import Report
 from skylift.errors import SkyliftError
 
 __all__ = [
+    "DeltaOffer",
     "HubPort",
     "HubUnreachableError",
     "Offer",
@@ -64,6 +66,22 @@ class PayloadOffer:
 
 
 @dataclass(frozen=True)
+class DeltaOffer:
+    """A per-pair delta the director names: ``payload`` from exactly ``from_version``.
+
+    ``from_sha256`` and ``from_size`` are the old payload's (what the active
+    slot must hold); ``sha256`` and ``length`` the delta file's.
+    """
+
+    payload: str
+    from_version: str
+    from_sha256: str
+    from_size: int
+    sha256: str
+    length: int
+
+
+@dataclass(frozen=True)
 class Offer:
     """A release the director assigns to this device, verified against the image repository.
 
@@ -81,6 +99,7 @@ class Offer:
     payloads: tuple[PayloadOffer, ...]
     deployment_id: int | None = None
     custom: Mapping[str, object] = field(default_factory=dict)
+    deltas: tuple[DeltaOffer, ...] = ()
 
 
 class HubPort(Protocol):
@@ -128,6 +147,18 @@ class HubPort(Protocol):
 
         Raises:
             HubUnreachableError, UpdateRefusedError: an answer that is not the ranges asked.
+        """
+        ...
+
+    def fetch_delta(self, offer: Offer, delta: DeltaOffer, dest: Path) -> int:
+        """Download ``delta`` into ``dest``, resuming after the bytes ``dest`` holds.
+
+        Returns the bytes downloaded by this call. ``dest`` ends up with
+        exactly ``delta.length`` bytes; the caller checks their SHA-256.
+
+        Raises:
+            HubUnreachableError: transport failure (``dest`` keeps what arrived).
+            UpdateRefusedError: the hub has no such delta, or answers otherwise.
         """
         ...
 

@@ -98,6 +98,7 @@ from skylift.agent.machine import (
     side_of,
     was_rebooted,
 )
+from skylift.agent.pairdelta import apply_delta, parse_deltas, slot_holds
 from skylift.agent.plan import (
     ByteRange,
     PlanError,
@@ -106,6 +107,7 @@ from skylift.agent.plan import (
     seed_index,
 )
 from skylift.agent.ports import (
+    DeltaOffer,
     HubPort,
     HubUnreachableError,
     Offer,
@@ -138,7 +140,8 @@ from skylift.agent.statefile import (
 )
 from skylift.bundle import BundleError, Manifest, PayloadEntry, read_head
 from skylift.bundle.format import PREAMBLE_SIZE
-from skylift.chunks import ChunkEntry, ChunkError, PageChainVerifier
+from skylift.chunks import ChunkError, PackedEntries, PageChainVerifier
+from skylift.chunks.delta import DeltaError
 from skylift.chunks.index import ENTRY_SIZE, PAGE_HEADER_SIZE, parse_page_header
 from skylift.errors import SkyliftError
 from skylift.fsutil import atomic_write
@@ -352,11 +355,12 @@ def verify_head(head: bytes, release: Release, config: AgentConfig) -> Manifest:
     return manifest
 
 
-def verify_index(payload: PayloadEntry, data: bytes) -> list[ChunkEntry]:
+def verify_index(payload: PayloadEntry, data: bytes) -> PackedEntries:
     """The chunk entries of ``payload``'s index pages, verified page by page.
 
     The first page's digest comes from the signed manifest; each page names
-    the next one's digest (docs/bundle-format.md).
+    the next one's digest (docs/bundle-format.md). The entries are kept
+    packed (49 bytes a chunk rather than about 270 as objects: ADR 0005).
 
     Raises:
         UpdateRefusedError: a page does not verify, the totals differ, or bytes trail.
@@ -370,7 +374,7 @@ def verify_index(payload: PayloadEntry, data: bytes) -> list[ChunkEntry]:
         payload_length=payload.size,
         max_chunk_bytes=payload.chunking.max_size,
     )
-    entries: list[ChunkEntry] = []
+    entries = PackedEntries()
     pos = 0
     try:
         while not chain.done:
@@ -379,7 +383,7 @@ def verify_index(payload: PayloadEntry, data: bytes) -> list[ChunkEntry]:
             )
             page = data[pos : pos + PAGE_HEADER_SIZE + body]
             pos += len(page)
-            entries += chain.accept(page).entries
+            entries.extend(chain.accept(page).entries)
     except ChunkError as e:
         raise UpdateRefusedError(
             f"the index of payload {payload.name} does not verify: {e.message}"
@@ -521,7 +525,7 @@ class _Update:
 
     manifest: Manifest
     offer: Offer
-    entries: dict[str, list[ChunkEntry]] = field(default_factory=dict)
+    entries: dict[str, PackedEntries] = field(default_factory=dict)
 
 
 def _slot_env_name(slot_class: str) -> str:
@@ -1013,22 +1017,149 @@ class Updater:
             theirs = {(p.name, p.slot_class, p.size, p.sha256) for p in manifest.payloads}
             if mine != theirs:
                 raise UpdateRefusedError("the offer's payloads differ from the bundle manifest")
+        # The director's deltas live in the offer of a check; kept for a restart.
+        deltas_path = cache / "deltas.json"
+        if offer.deltas:
+            doc: dict[str, list[dict[str, object]]] = {}
+            for d in offer.deltas:
+                doc.setdefault(d.payload, []).append(
+                    {k: v for k, v in vars(d).items() if k != "payload"}
+                )
+            atomic_write(deltas_path, json.dumps({"deltas": doc}).encode(), mode=0o600)
+        elif deltas_path.exists():
+            with contextlib.suppress(OSError, ValueError):
+                offer = replace(offer, deltas=parse_deltas(json.loads(deltas_path.read_bytes()))[0])
         update = _Update(manifest, offer)
         for payload in manifest.payloads:
-            index_path = cache / f"{payload.name}.index"
-            try:
-                entries = verify_index(payload, index_path.read_bytes())
-            except (FileNotFoundError, UpdateRefusedError):
-                if not fetch:
-                    raise UpdateRefusedError(
-                        "the update's verified files are gone from the state dir"
-                    ) from None
-                index = self._hub.fetch_index(offer, payload.name)
-                entries = verify_index(payload, index)
-                atomic_write(index_path, index, mode=0o600)
-            update.entries[payload.name] = entries
+            # A payload that will come from a delta needs no chunk index (a fifth
+            # of a small update's bytes); it is fetched if the delta fails.
+            if self._delta_for(update, payload) is None:
+                self._entries(update, payload, fetch=fetch)
         self._update = update
         return update
+
+    def _entries(
+        self, update: _Update, payload: PayloadEntry, *, fetch: bool = True
+    ) -> PackedEntries:
+        """The verified chunk index of ``payload``: from the state dir or (``fetch``) the hub."""
+        entries = update.entries.get(payload.name)
+        if entries is not None:
+            return entries
+        index_path = self._update_dir() / f"{payload.name}.index"
+        try:
+            entries = verify_index(payload, index_path.read_bytes())
+        except (FileNotFoundError, UpdateRefusedError):
+            if not fetch:
+                raise UpdateRefusedError(
+                    "the update's verified files are gone from the state dir"
+                ) from None
+            index = self._hub.fetch_index(update.offer, payload.name)
+            entries = verify_index(payload, index)
+            atomic_write(index_path, index, mode=0o600)
+        update.entries[payload.name] = entries
+        return entries
+
+    def _delta_for(self, update: _Update, payload: PayloadEntry) -> DeltaOffer | None:
+        """The director's delta for ``payload`` from the release the active slot holds, if usable.
+
+        None when deltas are off, the slot class is a directory, the record
+        does not know what the active slot holds, or this update's delta
+        already failed once (the chunk plan is used then).
+        """
+        record = self._record
+        if not self.config.download.deltas or not update.offer.deltas:
+            return None
+        if record.previous_slot is None or record.release is None:
+            return None
+        pair = slot_pair(self.config, payload.slot_class, record.previous_slot)
+        if pair.inactive.type == "directory":
+            return None
+        if (self._update_dir() / f"{payload.name}.delta-failed").exists():
+            return None
+        running = record.extra.get(_INSTALLED + record.previous_slot)
+        for d in update.offer.deltas:
+            if d.payload == payload.name and d.from_version == running:
+                return d
+        return None
+
+    def _install_from_delta(
+        self,
+        record: StateRecord,
+        update: _Update,
+        payload: PayloadEntry,
+        pair: SlotPair,
+        delta: DeltaOffer,
+        progress: Callable[[Progress], None],
+    ) -> int | None:
+        """Write ``payload`` from ``delta``; the bytes downloaded, or None to use chunks.
+
+        Raises:
+            HubUnreachableError: the download stopped; it resumes next time.
+        """
+        cache = self._update_dir()
+        path = cache / f"{payload.name}.delta"
+
+        def give_up(reason: str) -> None:
+            _log.warning(
+                "payload %s: the delta from %s is not used (%s); installing from chunks",
+                payload.name,
+                delta.from_version,
+                reason,
+            )
+            atomic_write(cache / f"{payload.name}.delta-failed", reason.encode(), mode=0o600)
+            path.unlink(missing_ok=True)
+
+        seed = _open_seed(pair.active)
+        if seed is None:
+            give_up("the active slot cannot be read")
+            return None
+        try:
+            if not slot_holds(seed, delta.from_size, delta.from_sha256):
+                give_up(f"the active slot does not hold {delta.from_version} as released")
+                return None
+            try:
+                self._hub.fetch_delta(update.offer, delta, path)
+            except UpdateRefusedError as e:
+                give_up(e.message)
+                return None
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+            if path.stat().st_size != delta.length or digest.hexdigest() != delta.sha256:
+                give_up("the downloaded delta is not the one the director signed")
+                return None
+            # The slot is rewritten whole: chunks an earlier attempt journaled are gone.
+            self._journal(record, update, payload).remove()
+            slot = self._open_slot(pair.inactive, payload.size)
+            try:
+                with open(path, "rb") as f:
+                    apply_delta(
+                        f,
+                        offer=delta,
+                        payload_sha256=payload.sha256,
+                        payload_size=payload.size,
+                        old=seed,
+                        new=slot,
+                        on_progress=lambda n: progress(
+                            Progress("copy", n, payload.size, delta.length)
+                        ),
+                    )
+            except DeltaError as e:
+                give_up(e.message)
+                return None
+            finally:
+                slot.close()
+        finally:
+            seed.close()
+        path.unlink(missing_ok=True)
+        _log.info(
+            "payload %s: written from the delta from %s (%d bytes downloaded)",
+            payload.name,
+            delta.from_version,
+            delta.length,
+        )
+        return delta.length
 
     def _download(self, record: StateRecord) -> StepOutcome:
         try:
@@ -1176,7 +1307,12 @@ class Updater:
         progress: Callable[[Progress], None],
     ) -> int:
         """One attempt at writing an image into a file or block slot; the bytes fetched."""
-        entries = update.entries[payload.name]
+        delta = self._delta_for(update, payload)
+        if delta is not None:
+            written = self._install_from_delta(record, update, payload, pair, delta, progress)
+            if written is not None:
+                return written
+        entries = self._entries(update, payload)
         download = self.config.download
         journal = self._journal(record, update, payload)
         seed_dev = _open_seed(pair.active)
@@ -1187,7 +1323,7 @@ class Updater:
                     SlotReader(seed_dev),
                     payload.chunking,
                     payload.size,
-                    wanted={e.digest for e in entries},
+                    wanted=entries.digest_set(),
                 )
             plan = make_plan(
                 entries,
@@ -1239,7 +1375,7 @@ class Updater:
         result = install_directory(
             pair,
             payload,
-            update.entries[payload.name],
+            self._entries(update, payload),
             fetch_ranges=fetch,
             state_dir=self.config.storage.state_dir,
             max_gap_bytes=download.max_gap_bytes,

@@ -42,7 +42,7 @@ from skylift.agent.errors import ReportTransportError
 from skylift.agent.hooks import HookRunner
 from skylift.agent.machine import Action, State
 from skylift.agent.plan import ByteRange
-from skylift.agent.ports import HubPort, HubUnreachableError, Offer, PollAnswer
+from skylift.agent.ports import DeltaOffer, HubPort, HubUnreachableError, Offer, PollAnswer
 from skylift.agent.reports import Report
 from skylift.agent.updater import (
     AgentBusyError,
@@ -331,6 +331,9 @@ class _NoHub:
     def fetch_ranges(
         self, offer: Offer, payload: str, ranges: Sequence[ByteRange]
     ) -> Iterable[tuple[ByteRange, bytes]]:
+        raise HubUnreachableError(_NO_HUB)
+
+    def fetch_delta(self, offer: Offer, delta: DeltaOffer, dest: Path) -> int:
         raise HubUnreachableError(_NO_HUB)
 
     def send(self, reports: Sequence[Report]) -> None:

@@ -13,10 +13,13 @@ written and no network is used.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
-from dataclasses import dataclass
+import tempfile
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
 
@@ -34,6 +37,7 @@ from skylift.agent.plan import (
 )
 from skylift.bundle import (
     BundleHead,
+    ChunkData,
     CorruptIndexError,
     Limits,
     Manifest,
@@ -41,15 +45,17 @@ from skylift.bundle import (
     PayloadSizeError,
     TruncatedBundleError,
     TrustedKeys,
+    read_body,
     read_head,
 )
-from skylift.chunks import ChunkEntry, ChunkError, IndexTotalsError, PageChainVerifier
+from skylift.chunks import ChunkError, IndexTotalsError, PackedEntries, PageChainVerifier
+from skylift.chunks.delta import build_delta, cut_chunks
 from skylift.chunks.index import PAGE_HEADER_SIZE, compress_index, parse_page_header
 from skylift.cli.bundle import KeyOpt, RootOpt, ThresholdOpt
 from skylift.cli.common import err, human_size, out, trusted_keys
 from skylift.errors import UserInputError
 
-__all__ = ["DeltaPlan", "app", "plan_delta"]
+__all__ = ["DeltaPlan", "app", "measure_pair_delta", "plan_delta"]
 
 app = typer.Typer(no_args_is_help=True, help="What a device downloads for an update.")
 
@@ -71,6 +77,25 @@ class DeltaPlan:
     max_gap_bytes: int
     max_range_bytes: int
     max_ranges_per_request: int
+    #: Bytes of the per-pair delta from the seed (``--pair-delta``), and seconds to make it.
+    pair_delta_bytes: int | None = None
+    pair_delta_seconds: float | None = None
+
+    @property
+    def chunk_bytes(self) -> int:
+        """What the chunk plan downloads: head, compressed index, pack ranges."""
+        return self.metadata_bytes + self.plan.totals.download_bytes
+
+    @property
+    def method(self) -> str:
+        """``delta`` when a per-pair delta was measured and is smaller, else ``chunks``.
+
+        What a hub offers a device running exactly the seed (it offers a
+        delta only when it is smaller than the chunk plan).
+        """
+        if self.pair_delta_bytes is not None and self.pair_delta_bytes < self.chunk_bytes:
+            return "delta"
+        return "chunks"
 
     @property
     def verified(self) -> bool:
@@ -85,14 +110,17 @@ class DeltaPlan:
     @property
     def fetched_object_bytes(self) -> int:
         """Bytes of the chunk objects fetched (codec byte + stored bytes), gaps excluded."""
-        return sum(s.pack_range.length for s in self.plan.steps if s.source is Source.PACK)
+        return sum(s.pack_range.length for s in self.plan.steps.iter_from(Source.PACK))
 
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` form."""
         t = self.plan.totals
         ranges = sum(len(r.ranges) for r in self.plan.requests)
         return {
-            "method": "chunks",
+            "method": self.method,
+            "pair_delta": None
+            if self.pair_delta_bytes is None
+            else {"bytes": self.pair_delta_bytes, "seconds": self.pair_delta_seconds},
             "product": self.manifest.product,
             "version": self.manifest.version,
             "verified": self.verified,
@@ -171,7 +199,7 @@ def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
 
 def _read_index(
     f: BinaryIO, payload: PayloadEntry, file_size: int, limits: Limits
-) -> tuple[list[ChunkEntry], bytes]:
+) -> tuple[PackedEntries, bytes]:
     """Read one payload's index pages from ``f`` (at the payload's start), skipping its chunks.
 
     Returns the entries and the pages as the hub stores them.
@@ -191,7 +219,7 @@ def _read_index(
         max_chunk_bytes=min(limits.max_chunk_bytes, payload.chunking.max_size),
     )
     max_entries = min(limits.max_entries_per_page, payload.index.entries_per_page)
-    entries: list[ChunkEntry] = []
+    entries = PackedEntries()
     raw = bytearray()
     pages = 0
     stored_total = 0
@@ -260,12 +288,12 @@ def plan_delta(
         index_no, payload = _choose_payload(manifest, payload_name)
         head_bytes = f.tell() + sum(h.size for h in manifest.hooks)
         f.seek(head_bytes)
-        entries: list[ChunkEntry] = []
+        entries = PackedEntries()
         pages = b""
         for p in manifest.payloads[: index_no + 1]:
             entries, pages = _read_index(f, p, bundle_size, limits)
     with open(seed, "rb") as s:
-        seeds = seed_index(s, payload.chunking, payload.size, wanted={e.digest for e in entries})
+        seeds = seed_index(s, payload.chunking, payload.size, wanted=entries.digest_set())
     plan = make_plan(
         entries,
         seeds,
@@ -285,6 +313,56 @@ def plan_delta(
         max_gap_bytes=max_gap_bytes,
         max_range_bytes=max_range_bytes,
         max_ranges_per_request=max_ranges_per_request,
+    )
+
+
+def measure_pair_delta(d: DeltaPlan, bundle: Path, seed: Path, trusted: TrustedKeys) -> DeltaPlan:
+    """``d`` with the size of the per-pair delta from ``seed`` to its payload.
+
+    Made as the hub makes it (:func:`skylift.chunks.delta.build_delta`: the
+    seed cut with the payload's chunking, literals compressed against the
+    seed): the payload is first written out of the bundle to a temporary
+    file (signatures checked against ``trusted``, every chunk verified), the
+    frames are counted, not kept.
+
+    Raises:
+        BundleError: the bundle is not signed by ``trusted`` or does not verify.
+    """
+    started = time.perf_counter()
+    payload = d.payload
+    with tempfile.TemporaryDirectory(prefix="skylift-delta-") as tmp:
+        new_path = Path(tmp) / "new.img"
+        with open(bundle, "rb") as f, open(new_path, "wb") as new_out:
+            head = read_head(f)
+            head.verify(trusted)
+            for event in read_body(f, head):
+                if isinstance(event, ChunkData) and event.payload.name == payload.name:
+                    new_out.write(event.data)
+        old_sha = hashlib.sha256()
+        with open(seed, "rb") as old_f, open(new_path, "rb") as new_f:
+            while block := old_f.read(1 << 20):
+                old_sha.update(block)
+            old_f.seek(0)
+            old_chunks = list(cut_chunks(old_f, payload.chunking))
+            total = [0]
+
+            def count(frame: bytes) -> None:
+                total[0] += len(frame)
+
+            header, ops = build_delta(
+                old_chunks=old_chunks,
+                new_chunks=((e.offset, e.length, e.digest) for e in d.plan.entries),
+                old_size=d.seed_bytes,
+                new_size=payload.size,
+                from_sha256=old_sha.digest(),
+                to_sha256=bytes.fromhex(payload.sha256),
+                read_old=lambda o, n: os.pread(old_f.fileno(), n, o),
+                read_new=lambda o, n: os.pread(new_f.fileno(), n, o),
+                write_frame=count,
+            )
+    size = len(header) + len(ops) + total[0]
+    return replace(
+        d, pair_delta_bytes=size, pair_delta_seconds=round(time.perf_counter() - started, 1)
     )
 
 
@@ -315,7 +393,15 @@ def _print_text(d: DeltaPlan, bundle: Path, seed: Path) -> None:
         f"{human_size(p.stored_size)} stored)",
     )
     summary.add_row("seed", f"{seed} ({human_size(d.seed_bytes)})")
-    summary.add_row("method", "chunks")
+    if d.pair_delta_bytes is None:
+        summary.add_row("method", "chunks (--pair-delta also measures a delta from the seed)")
+    else:
+        summary.add_row(
+            "method",
+            f"{d.method}: a per-pair delta from the seed is {d.pair_delta_bytes} bytes "
+            f"({human_size(d.pair_delta_bytes)}, made in {d.pair_delta_seconds:.1f} s), "
+            f"the chunk plan {d.chunk_bytes} bytes",
+        )
     out.print(summary)
     table = Table(title="what the device does", title_justify="left")
     for col, justify in (("", "left"), ("chunks", "right"), ("bytes", "right"), ("", "right")):
@@ -380,6 +466,14 @@ def plan(
     key: KeyOpt = None,
     root: RootOpt = None,
     threshold: ThresholdOpt = None,
+    pair_delta: Annotated[
+        bool,
+        typer.Option(
+            "--pair-delta",
+            help="Also make the per-pair delta a hub would offer a device running exactly "
+            "SEED (slower: compresses the changed bytes) and say which method wins.",
+        ),
+    ] = False,
 ) -> None:
     """Print what a device running SEED downloads to install BUNDLE: bytes, requests, chunks.
 
@@ -388,15 +482,24 @@ def plan(
     """
     gap = _parse_bytes(max_gap, "--max-gap")
     rng = _parse_bytes(max_range, "--max-range")
+    if pair_delta and not (key or root):
+        raise UserInputError(
+            "--pair-delta reads the payload's bytes, which needs the bundle's signatures "
+            "checked: give --key or --root"
+        )
+    trusted = trusted_keys(key or [], root, threshold) if key or root else None
     d = plan_delta(
         bundle,
         seed,
         payload_name=payload,
-        trusted=trusted_keys(key or [], root, threshold) if key or root else None,
+        trusted=trusted,
         max_gap_bytes=gap,
         max_range_bytes=rng,
         max_ranges_per_request=max_ranges_per_request,
     )
+    if pair_delta:
+        assert trusted is not None
+        d = measure_pair_delta(d, bundle, seed, trusted)
     if as_json:
         typer.echo(json.dumps(d.to_dict(), indent=2, sort_keys=True))
     else:

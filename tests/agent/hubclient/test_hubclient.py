@@ -23,7 +23,7 @@ from skylift.agent.errors import ReportRejectedError, ReportTransportError
 from skylift.agent.hubclient import HubClient
 from skylift.agent.machine import State
 from skylift.agent.plan import ByteRange
-from skylift.agent.ports import HubUnreachableError, Offer, UpdateRefusedError
+from skylift.agent.ports import DeltaOffer, HubUnreachableError, Offer, UpdateRefusedError
 from skylift.agent.reports import Report
 from skylift.chunks import compress_index
 from skylift.hub.content import version_segment
@@ -195,6 +195,46 @@ def test_fetches_the_compressed_index_when_the_hub_has_one(agent: Agent) -> None
     assert len(packed) < len(pages) // 20
     agent.hub.ctx.store.put(_zst_key(), packed)
     assert agent.client.fetch_index(offer, "rootfs") == pages
+
+
+def _delta_offer(data: bytes, from_sha256: str = "ab" * 32) -> DeltaOffer:
+    return DeltaOffer(
+        "rootfs", "0.9.0", from_sha256, 4096, hashlib.sha256(data).hexdigest(), len(data)
+    )
+
+
+def test_fetches_a_delta_in_bounded_ranges_and_resumes(agent: Agent, tmp_path: Path) -> None:
+    agent.assign_release()
+    offer = agent.offer()
+    data = secrets.token_bytes(3 * 1024 * 1024 + 123)
+    delta = _delta_offer(data)
+    key = f"releases/{PRODUCT}/{version_segment(VERSION)}/rootfs.{delta.from_sha256}.delta"
+    agent.hub.ctx.store.put(key, data)
+    dest = tmp_path / "rootfs.delta"
+    dest.write_bytes(data[:1000])  # what an interrupted download left
+    config = replace(
+        agent.config, download=replace(agent.config.download, max_range_bytes=1024 * 1024)
+    )
+    with HubClient(config) as client:
+        got = client.fetch_delta(offer, delta, dest)
+    assert got == len(data) - 1000  # only the rest was fetched, in 1 MiB ranges
+    assert dest.read_bytes() == data
+    assert dest.stat().st_mode & 0o777 == 0o600
+    # A complete file is not fetched again; a longer one is started over.
+    assert agent.client.fetch_delta(offer, delta, dest) == 0
+    dest.write_bytes(data + b"junk")
+    assert agent.client.fetch_delta(offer, delta, dest) == len(data)
+    assert dest.read_bytes() == data
+
+
+def test_a_delta_the_hub_does_not_have_is_refused(agent: Agent, tmp_path: Path) -> None:
+    agent.assign_release()
+    offer = agent.offer()
+    with pytest.raises(
+        UpdateRefusedError, match=r"delta: the hub answered HTTP 404: no such file: rootfs\.c"
+    ) as e:
+        agent.client.fetch_delta(offer, _delta_offer(b"x" * 500, "cd" * 32), tmp_path / "d")
+    assert "file://" not in e.value.message  # the store's location is not for devices
 
 
 @pytest.mark.parametrize(
