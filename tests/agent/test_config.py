@@ -70,6 +70,7 @@ def test_documented_example_parses() -> None:
     assert config.hooks.timeout_s == 120.0
     assert config.storage.max_journal_bytes == 1048576
     assert config.download.max_ranges_per_request == 64
+    assert config.download.deltas is True
 
 
 def test_minimal_takes_defaults_and_resolves_relative_paths(tmp_path: Path) -> None:
@@ -326,6 +327,12 @@ BAD = [
         "[download] max_ranges_per_request",
         "from 1",
     ),
+    (
+        "deltas not a bool",
+        MINIMAL + '\n[download]\ndeltas = "no"\n',
+        "[download] deltas",
+        "must be true or false",
+    ),
     ("section not a table", "hooks = 3\n" + MINIMAL, "hooks", "must be a table"),
     ("not toml", MINIMAL + "\n[hub\n", "not valid TOML", ""),
 ]
@@ -364,3 +371,9 @@ def test_directory_slots_carry_rules() -> None:
     )
     app_a = config.slots[2]
     assert (app_a.type, app_a.include, app_a.exclude) == ("directory", ("**",), ("var/**",))
+
+
+def test_deltas_can_be_turned_off() -> None:
+    config = parse_config(MINIMAL + "\n[download]\ndeltas = false\n", base_dir=Path("/etc"))
+    assert config.download.deltas is False
+    assert config.download.max_gap_bytes == 4096  # the rest keeps its defaults
