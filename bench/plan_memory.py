@@ -54,6 +54,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from agent_install_driver import _status_kib  # bench/ is on sys.path when run as a script
+
 _MIB = 1 << 20
 _BLOCK = 4096
 _ZERO_FRACTION = 0.75  # a sparse image; a 512 MiB image filled from /usr has 0.27
@@ -61,14 +63,6 @@ _SEEDED_FRACTION = 0.95
 _LAYOUT_SEED = 5
 # What a file slot writes zero ranges from; made before the baseline is read.
 _ZEROS = bytes(1 << 20)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def _layout(n: int, zero_fraction: float = _ZERO_FRACTION) -> tuple[bytearray, list[int]]:

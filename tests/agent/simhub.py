@@ -57,8 +57,8 @@ from skylift.bundle import (
     read_head,
     write_bundle,
 )
-from skylift.chunks import ChunkingParams, iter_chunks
-from skylift.chunks.delta import build_delta
+from skylift.chunks import ChunkingParams
+from skylift.chunks.delta import build_delta, cut_chunks
 
 __all__ = [
     "PARAMS",
@@ -116,11 +116,7 @@ def make_delta(old: bytes, new: bytes, params: ChunkingParams = PARAMS) -> bytes
     """A per-pair delta from ``old`` to ``new``, as the hub makes it (skylift.chunks.delta)."""
 
     def cut(data: bytes) -> list[tuple[int, int, bytes]]:
-        out, offset = [], 0
-        for chunk in iter_chunks(io.BytesIO(data), params):
-            out.append((offset, len(chunk), hashlib.sha256(chunk).digest()))
-            offset += len(chunk)
-        return out
+        return list(cut_chunks(io.BytesIO(data), params))
 
     frames: list[bytes] = []
     header, ops = build_delta(

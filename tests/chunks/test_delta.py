@@ -10,7 +10,7 @@ import struct
 import pytest
 import zstandard
 
-from skylift.chunks import ChunkingParams, iter_chunks
+from skylift.chunks import ChunkingParams
 from skylift.chunks.delta import (
     COPY,
     HEADER_SIZE,
@@ -22,6 +22,7 @@ from skylift.chunks.delta import (
     DeltaOp,
     build_delta,
     compress_literal,
+    cut_chunks,
     decode_literal,
     encode_header,
     encode_ops,
@@ -37,11 +38,11 @@ CDC = ChunkingParams.cdc(4096)
 
 
 def _cut(data: bytes, params: ChunkingParams) -> list[tuple[int, int, bytes]]:
-    out, offset = [], 0
-    for chunk in iter_chunks(io.BytesIO(data), params):
-        out.append((offset, len(chunk), hashlib.sha256(chunk).digest()))
-        offset += len(chunk)
-    return out
+    cut = list(cut_chunks(io.BytesIO(data), params))
+    # Offsets follow each other and the digests are the chunks' own.
+    assert [o for o, _, _ in cut] == [0, *(o + n for o, n, _ in cut[:-1])]
+    assert all(hashlib.sha256(data[o : o + n]).digest() == d for o, n, d in cut[:3])
+    return cut
 
 
 def _build(old: bytes, new: bytes, params: ChunkingParams) -> bytes:
