@@ -37,6 +37,7 @@ tool still cannot run is reported as not measured, with the reason.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -60,6 +61,8 @@ from skylift.agent.plan import (
     DEFAULT_MAX_RANGES_PER_REQUEST,
     Source,
 )
+from skylift.chunks import ChunkingParams
+from skylift.chunks.delta import build_delta, cut_chunks
 from skylift.cli.delta import plan_delta
 from skylift.errors import SkyliftError
 
@@ -266,6 +269,8 @@ class DeltaBench:
                             f"{'yes' if doc['method'] == 'delta' else 'no (chunks smaller)'}",
                         )
                     )
+                    if self.apply:
+                        self._apply_delta(case, doc["chunking"], rows[-1])
                 rows[0].detail.update(
                     bundle_bytes=bundle.stat().st_size,
                     create_s=round(create_s, 1),
@@ -307,6 +312,34 @@ class DeltaBench:
             pack.unlink(missing_ok=True)
             (self.work / "slot-b.img").unlink(missing_ok=True)
             (self.work / "journal").unlink(missing_ok=True)
+
+    def _apply_delta(self, case: Case, chunking: dict[str, Any], row: Row) -> None:
+        """Make the delta here, then time the agent applying it in a process of its own."""
+        delta = self.work / "pair.delta"
+        try:
+            size = _write_delta(case.old, case.new, ChunkingParams.from_dict(chunking), delta)
+            if size != row.download_bytes:
+                row.note += f"; the delta written is {size} bytes, the plan said otherwise"
+            _, rss, text = _run(
+                [sys.executable, __file__, "--apply-delta-child", delta, case.old, case.new,
+                 self.work],
+                self.work,
+            )  # fmt: skip
+            doc = json.loads(text)
+            row.detail.update(
+                check_s=round(doc["check_s"], 1),
+                apply_s=round(doc["apply_s"], 1),
+                agent_rss_mib=round(rss),
+            )
+            row.note += (
+                f"; agent: active slot checked in {doc['check_s']:.1f} s, delta applied "
+                f"(read back included) in {doc['apply_s']:.1f} s, peak RSS {rss:.0f} MiB"
+            )
+        except (RuntimeError, OSError, ValueError, KeyError, SkyliftError) as e:
+            row.note += f"; apply not measured: {e}"
+        finally:
+            delta.unlink(missing_ok=True)
+            (self.work / "slot-b.img").unlink(missing_ok=True)
 
     def _without_gaps_and_grouped(self, case: Case, bundle: Path, spec: str) -> list[Row]:
         """The same plan with --max-gap 0, and an estimate of grouped compression on the wire.
@@ -489,6 +522,80 @@ def _write_pack(bundle: Path, key: Path, pack: Path) -> None:
         for event in read_body(f, head):
             if isinstance(event, ChunkData):
                 out.write(bytes([event.entry.codec]) + event.stored)
+
+
+def _write_delta(old: Path, new: Path, params: ChunkingParams, dest: Path) -> int:
+    """The per-pair delta from ``old`` to ``new`` into ``dest``, as the hub makes it."""
+    spool = dest.with_suffix(".frames")
+    try:
+        with open(old, "rb") as o, open(new, "rb") as n, open(spool, "wb") as frames:
+            old_sha = hashlib.sha256()
+            while block := o.read(1 << 20):
+                old_sha.update(block)
+            new_sha = hashlib.sha256()
+            while block := n.read(1 << 20):
+                new_sha.update(block)
+            o.seek(0)
+            n.seek(0)
+            old_chunks = list(cut_chunks(o, params))
+            n.seek(0)
+            header, ops = build_delta(
+                old_chunks=old_chunks,
+                new_chunks=cut_chunks(n, params),
+                old_size=old.stat().st_size,
+                new_size=new.stat().st_size,
+                from_sha256=old_sha.digest(),
+                to_sha256=new_sha.digest(),
+                read_old=lambda off, k: os.pread(o.fileno(), k, off),
+                read_new=lambda off, k: os.pread(n.fileno(), k, off),
+                write_frame=frames.write,
+            )
+        with open(dest, "wb") as out, open(spool, "rb") as frames_in:
+            out.write(header + ops)
+            shutil.copyfileobj(frames_in, out, 1 << 20)
+        return dest.stat().st_size
+    finally:
+        spool.unlink(missing_ok=True)
+
+
+def _apply_delta_child(delta: str, old: str, new: str, work: str) -> None:
+    """What a device does with a delta: check its active slot, apply, read back (JSON out)."""
+    from skylift.agent.config import SlotConfig
+    from skylift.agent.pairdelta import apply_delta, slot_holds
+    from skylift.agent.ports import DeltaOffer
+    from skylift.agent.slots import open_for_install, open_for_reading
+
+    def sha(path: str) -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        return h.hexdigest()
+
+    old_size, new_size = Path(old).stat().st_size, Path(new).stat().st_size
+    old_sha, new_sha, delta_sha = sha(old), sha(new), sha(delta)
+    offer = DeltaOffer("rootfs", "1", old_sha, old_size, delta_sha, Path(delta).stat().st_size)
+    source = open_for_reading(SlotConfig("rootfs", "a", "file", Path(old)))
+    target = open_for_install(
+        SlotConfig("rootfs", "b", "file", Path(work) / "slot-b.img"), new_size
+    )
+    start = time.perf_counter()
+    if not slot_holds(source, old_size, old_sha):
+        raise SystemExit("the old image does not hash as it did")
+    checked = time.perf_counter()
+    with open(delta, "rb") as f:
+        apply_delta(
+            f,
+            offer=offer,
+            payload_sha256=new_sha,
+            payload_size=new_size,
+            old=source,
+            new=target,
+        )
+    done = time.perf_counter()
+    target.close()
+    source.close()
+    print(json.dumps({"check_s": checked - start, "apply_s": done - checked}))
 
 
 def _apply_child(bundle: str, seed: str, pack: str, work: str) -> None:
@@ -782,9 +889,13 @@ def main() -> None:
         help="also install each plan with the agent's apply_plan (time, peak RSS)",
     )
     parser.add_argument("--apply-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--apply-delta-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.apply_child:
         _apply_child(*args.apply_child)
+        return
+    if args.apply_delta_child:
+        _apply_delta_child(*args.apply_delta_child)
         return
     if args.quick:
         args.pairs, args.types, args.chunkings = "small", "tar", "default,fixed:4K"
