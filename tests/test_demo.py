@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import DemoRun  # tests/ is on sys.path under pytest
+
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    if not shutil.which("mke2fs") and not Path("/sbin/mke2fs").exists():
-        pytest.fail("mke2fs is missing: `make test` installs e2fsprogs; run it through make")
-    p = subprocess.run(
-        [sys.executable, "-m", "skylift.demo", str(tmp_path / "demo")],
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert p.returncode == 0, p.stdout + p.stderr
-    out = p.stdout
-    assert "Traceback" not in out + p.stderr
+def test_demo_runs_end_to_end(demo_run: DemoRun) -> None:
+    out = demo_run.output
+    assert "Traceback" not in out
     # The bundle tour: a tampered copy is refused.
     assert out.count("(exit code 1, as it should be)") == 1
     # Each CLI step is shown as typed; secrets are not.

@@ -16,16 +16,15 @@ device reports (and the agent's own ``status`` agrees).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from skylift.demo import CANARY, DEVICES, V1, V2, Demo, StoryResult
+from conftest import DemoRun  # tests/ is on sys.path under pytest
+from skylift.demo import CANARY, DEVICES, V1, V2, StoryResult
 
 BAD = "sensor-03"
 GOOD = [d.device_id for d in DEVICES if d.device_id != BAD]
@@ -36,19 +35,11 @@ def _sha256(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def story(tmp_path_factory: pytest.TempPathFactory) -> StoryResult:
-    if not shutil.which("mke2fs") and not Path("/sbin/mke2fs").exists():
-        pytest.fail("mke2fs is missing: `make test` installs e2fsprogs; run it through make")
-    out = io.StringIO()
-    demo = Demo(tmp_path_factory.mktemp("fleet") / "demo", out=out, tour=False)
-    try:
-        result = demo.story()
-    finally:
-        print(out.getvalue())  # the account, shown by pytest when a test fails
-    return result
+def story(demo_run: DemoRun) -> StoryResult:
+    """The demo's run of the session (tests/conftest.py), shared with tests/test_demo.py."""
+    return demo_run.result
 
 
-@pytest.mark.slow
 def test_devices_enroll_and_install_the_first_release(story: StoryResult) -> None:
     assert sorted(story.devices) == sorted(d.device_id for d in DEVICES)
     for device_id, doc in story.devices.items():
