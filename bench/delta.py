@@ -611,7 +611,9 @@ def _apply_child(bundle: str, seed: str, pack: str, work: str) -> None:
     from skylift.agent.slots import open_for_install, open_for_reading
 
     start = time.perf_counter()
-    d = plan_delta(Path(bundle), Path(seed))
+    # Without compressing the index as the hub does: the agent decompresses it, and
+    # that costs far less than zstd -19 (whose memory would count as the agent's here).
+    d = plan_delta(Path(bundle), Path(seed), count_index=False)
     planned = time.perf_counter()
     size = d.payload.size
     target = open_for_install(SlotConfig("rootfs", "b", "file", Path(work) / "slot-b.img"), size)

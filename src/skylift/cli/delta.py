@@ -258,12 +258,15 @@ def plan_delta(
     max_gap_bytes: int = DEFAULT_MAX_GAP_BYTES,
     max_range_bytes: int = DEFAULT_MAX_RANGE_BYTES,
     max_ranges_per_request: int = DEFAULT_MAX_RANGES_PER_REQUEST,
+    count_index: bool = True,
 ) -> DeltaPlan:
     """Plan the install of ``bundle`` on a device whose active slot holds ``seed``.
 
     ``trusted`` are the keys to check the manifest's signatures with; None
     reads it unverified (the result says so). Index pages are always checked
     against the manifest's hash chain; chunk bytes are not read.
+    ``count_index`` False leaves the compressed index's size at 0 (what the
+    bench's apply does, to measure the agent's memory and not zstd -19's).
 
     Raises:
         UserInputError: a path is missing, a directory or not a file; the
@@ -307,7 +310,8 @@ def plan_delta(
         verified_by=tuple(head.verified_by),
         seed_bytes=seed_size,
         head_bytes=head_bytes,
-        index_bytes=len(compress_index(pages)),
+        # zstd -19 of a large index takes seconds and about 100 MiB: only when asked.
+        index_bytes=len(compress_index(pages)) if count_index else 0,
         index_pages_bytes=len(pages),
         plan=plan,
         max_gap_bytes=max_gap_bytes,
