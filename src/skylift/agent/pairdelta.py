@@ -17,7 +17,7 @@ the signed manifest, read back from the slot. Any failure (the slot was
 modified, a corrupt delta, a mismatch) is logged and the updater installs
 from chunks instead, as it would have without a delta.
 
-Memory: one literal (at most 4 MiB), its dictionary and a copy buffer.
+Memory: one literal (at most 1 MiB), its dictionary and a copy buffer.
 """
 
 from __future__ import annotations
