@@ -354,6 +354,7 @@ def test_deltas_come_from_the_previous_releases_once_each(
     ]
 
 
+@pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)  # logic, not SQL
 def test_no_previous_releases_means_no_deltas(hub: Hub, bundles: dict[str, Exploded]) -> None:
     hub.ctx.config = replace(hub.ctx.config, delta_previous_releases=0)
     _publish(hub, bundles, "1.0.0", "1.1.0")
@@ -366,6 +367,7 @@ def test_no_previous_releases_means_no_deltas(hub: Hub, bundles: dict[str, Explo
     assert len(deltas.run_pending(hub.ctx, limit=10)) == 1
 
 
+@pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)  # logic, not SQL
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "truncated"])
 def test_a_delta_that_cannot_be_made_fails_alone(
     hub: Hub, bundles: dict[str, Exploded], images: dict[str, bytes], damage: str
@@ -407,6 +409,7 @@ def test_a_delta_that_cannot_be_made_fails_alone(
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)  # logic, not SQL
 def test_payloads_over_the_limit_are_skipped(hub: Hub, bundles: dict[str, Exploded]) -> None:
     hub.ctx.config = replace(hub.ctx.config, delta_max_payload_bytes=IMAGE_BYTES - 1)
     _publish(hub, bundles, "1.0.0", "1.1.0")
@@ -421,6 +424,7 @@ def test_payloads_over_the_limit_are_skipped(hub: Hub, bundles: dict[str, Explod
     assert not any(k.endswith(".delta") for k in hub.ctx.store.iter_keys("releases/"))
 
 
+@pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)  # logic, not SQL
 def test_a_delta_not_smaller_than_the_chunk_plan_is_not_offered(
     hub: Hub, bundles: dict[str, Exploded], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -436,6 +440,7 @@ def test_a_delta_not_smaller_than_the_chunk_plan_is_not_offered(
     assert "deltas" not in _custom(hub, "d1")
 
 
+@pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)  # logic, not SQL
 def test_the_background_loop_outlives_a_failure(
     hub: Hub, bundles: dict[str, Exploded], monkeypatch: pytest.MonkeyPatch
 ) -> None:
