@@ -10,6 +10,7 @@ import struct
 import pytest
 import zstandard
 
+from agent.simhub import make_delta  # tests/ is on sys.path under pytest
 from skylift.chunks import ChunkingParams
 from skylift.chunks.delta import (
     COPY,
@@ -20,7 +21,6 @@ from skylift.chunks.delta import (
     DeltaError,
     DeltaHeader,
     DeltaOp,
-    build_delta,
     compress_literal,
     cut_chunks,
     decode_literal,
@@ -46,19 +46,8 @@ def _cut(data: bytes, params: ChunkingParams) -> list[tuple[int, int, bytes]]:
 
 
 def _build(old: bytes, new: bytes, params: ChunkingParams) -> bytes:
-    frames: list[bytes] = []
-    header, ops = build_delta(
-        old_chunks=_cut(old, params),
-        new_chunks=_cut(new, params),
-        old_size=len(old),
-        new_size=len(new),
-        from_sha256=hashlib.sha256(old).digest(),
-        to_sha256=hashlib.sha256(new).digest(),
-        read_old=lambda o, n: old[o : o + n],
-        read_new=lambda o, n: new[o : o + n],
-        write_frame=frames.append,
-    )
-    return header + ops + b"".join(frames)
+    _cut(old, params)  # the cut the delta is planned from (checked there)
+    return make_delta(old, new, params)
 
 
 def _apply(delta: bytes, old: bytes) -> bytes:
