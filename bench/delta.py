@@ -529,12 +529,8 @@ def _write_delta(old: Path, new: Path, params: ChunkingParams, dest: Path) -> in
     spool = dest.with_suffix(".frames")
     try:
         with open(old, "rb") as o, open(new, "rb") as n, open(spool, "wb") as frames:
-            old_sha = hashlib.sha256()
-            while block := o.read(1 << 20):
-                old_sha.update(block)
-            new_sha = hashlib.sha256()
-            while block := n.read(1 << 20):
-                new_sha.update(block)
+            old_sha = hashlib.file_digest(o, "sha256")
+            new_sha = hashlib.file_digest(n, "sha256")
             o.seek(0)
             n.seek(0)
             old_chunks = list(cut_chunks(o, params))
@@ -566,11 +562,8 @@ def _apply_delta_child(delta: str, old: str, new: str, work: str) -> None:
     from skylift.agent.slots import open_for_install, open_for_reading
 
     def sha(path: str) -> str:
-        h = hashlib.sha256()
         with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        return h.hexdigest()
+            return hashlib.file_digest(f, "sha256").hexdigest()
 
     old_size, new_size = Path(old).stat().st_size, Path(new).stat().st_size
     old_sha, new_sha, delta_sha = sha(old), sha(new), sha(delta)

@@ -1122,10 +1122,8 @@ class Updater:
             except UpdateRefusedError as e:
                 give_up(e.message)
                 return None
-            digest = hashlib.sha256()
             with open(path, "rb") as f:
-                while block := f.read(1 << 20):
-                    digest.update(block)
+                digest = hashlib.file_digest(f, "sha256")
             if path.stat().st_size != delta.length or digest.hexdigest() != delta.sha256:
                 give_up("the downloaded delta is not the one the director signed")
                 return None

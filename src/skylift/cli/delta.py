@@ -342,10 +342,8 @@ def measure_pair_delta(d: DeltaPlan, bundle: Path, seed: Path, trusted: TrustedK
             for event in read_body(f, head):
                 if isinstance(event, ChunkData) and event.payload.name == payload.name:
                     new_out.write(event.data)
-        old_sha = hashlib.sha256()
         with open(seed, "rb") as old_f, open(new_path, "rb") as new_f:
-            while block := old_f.read(1 << 20):
-                old_sha.update(block)
+            old_sha = hashlib.file_digest(old_f, "sha256")
             old_f.seek(0)
             old_chunks = list(cut_chunks(old_f, payload.chunking))
             total = [0]

@@ -585,10 +585,8 @@ def _make(ctx: HubContext, job: _Job) -> _Result:
                 shutil.copyfileobj(frames_in, out, _COPY_READ_BYTES)
             frames_path.unlink()
         _check(delta_path, old_path, old_p, new_p)
-        digest = hashlib.sha256()
         with open(delta_path, "rb") as f:
-            while block := f.read(_COPY_READ_BYTES):
-                digest.update(block)
+            digest = hashlib.file_digest(f, "sha256")
         length = delta_path.stat().st_size
         if length >= plan_bytes:
             return _Result(DeltaStatus.LARGER, length, digest.hexdigest(), plan_bytes)
