@@ -17,6 +17,7 @@ from skylift.chunks.delta import (
     HEADER_SIZE,
     LITERAL,
     MAX_LITERAL_BYTES,
+    MAX_RECENT_BYTES,
     OP_SIZE,
     DeltaError,
     DeltaHeader,
@@ -112,6 +113,40 @@ def test_literals_compress_against_the_old_bytes_where_they_go() -> None:
         decode_literal(op, against_old, old[:-1])
 
 
+def test_literals_compress_against_the_new_bytes_made_before_them() -> None:
+    # Two new files, the second much like the first (a new library and its
+    # debug twin, say), in an update whose old payload has neither.
+    rng = random.Random(11)
+    first = rng.randbytes(MAX_LITERAL_BYTES)
+    second = bytearray(first)
+    for at in range(0, len(second), 100_000):
+        second[at : at + 8] = rng.randbytes(8)
+    old = rng.randbytes(64 * 1024)
+    new = first + bytes(second)
+    ops = list(plan_ops(_cut(old, FIXED), _cut(new, FIXED), old_size=len(old)))
+    assert [(op.kind, op.recent_length) for op in ops] == [
+        (LITERAL, 0),
+        (LITERAL, MAX_LITERAL_BYTES),
+    ]
+    delta = make_delta(old, new, FIXED)
+    # The second literal costs next to nothing: against its twin just made.
+    assert len(delta) < len(first) + 10_000
+    stream = io.BytesIO(delta)
+    _, ops = read_delta(stream.read)
+    assert b"".join(d for _, d in replay(ops, stream.read, lambda o, n: old[o : o + n])) == new
+    # What a literal takes of the new bytes is bounded.
+    long = rng.randbytes(3 * MAX_RECENT_BYTES // 2) + new
+    ops = list(plan_ops([], _cut(long, FIXED), old_size=4096))
+    assert max(op.recent_length for op in ops) == MAX_RECENT_BYTES
+
+
+def test_replay_refuses_a_literal_that_takes_new_bytes_not_yet_made() -> None:
+    frame = compress_literal(b"z" * 100, b"")
+    ops = [DeltaOp(LITERAL, 100, 0, 0, len(frame), recent_length=10)]
+    with pytest.raises(DeltaError, match="not yet made"):
+        list(replay(ops, io.BytesIO(frame).read, lambda o, n: OLD[o : o + n]))
+
+
 def test_identical_payloads_are_one_copy() -> None:
     ops = list(plan_ops(_cut(OLD, FIXED), _cut(OLD, FIXED), old_size=len(OLD)))
     assert ops == [DeltaOp(COPY, len(OLD), 0)]
@@ -162,8 +197,25 @@ def _ops_delta(ops: list[DeltaOp], old_size: int, new_size: int) -> tuple[DeltaH
         ([DeltaOp(LITERAL, 100, 0, 10, 0)], "impossible size"),
         ([DeltaOp(LITERAL, 100, 4090, 100, 20)], "dictionary from outside"),
         ([DeltaOp(7, 100, 0)], "unknown kind"),
+        ([DeltaOp(COPY, 100, 0, recent_length=5)], "copy with a dictionary"),
+        ([DeltaOp(LITERAL, 100, 0, 0, 20, recent_length=1)], "more new bytes than were made"),
+        (
+            [DeltaOp(COPY, 50, 0), DeltaOp(LITERAL, 50, 0, 0, 20, recent_length=51)],
+            "more new bytes than were made",
+        ),
     ],
-    ids=["copy out", "too long", "too short", "copy dict", "empty frame", "dict out", "kind"],
+    ids=[
+        "copy out",
+        "too long",
+        "too short",
+        "copy dict",
+        "empty frame",
+        "dict out",
+        "kind",
+        "copy recent",
+        "recent first",
+        "recent beyond",
+    ],
 )
 def test_ops_out_of_bounds_are_refused(ops: list[DeltaOp], reason: str) -> None:
     header, frame = _ops_delta(ops, 4096, 100)
@@ -175,7 +227,7 @@ def test_an_ops_frame_that_is_not_one_frame_of_its_size_is_refused() -> None:
     header, frame = _ops_delta([DeltaOp(COPY, 100, 0)], 4096, 100)
     with pytest.raises(DeltaError, match="wrong length"):
         parse_ops(header, frame + b"x")
-    raw = struct.pack(">BQqII", COPY, 100, 0, 0, 0)
+    raw = struct.pack(">BQqIII", COPY, 100, 0, 0, 0, 0)
     unsized = zstandard.ZstdCompressor(write_content_size=False).compress(raw)
     fake = DeltaHeader(bytes(32), bytes(32), 4096, 100, 1, len(unsized))
     with pytest.raises(DeltaError, match="declares the wrong size"):

@@ -17,7 +17,9 @@ the signed manifest, read back from the slot. Any failure (the slot was
 modified, a corrupt delta, a mismatch) is logged and the updater installs
 from chunks instead, as it would have without a delta.
 
-Memory: one literal (at most 1 MiB), its dictionary and a copy buffer.
+Memory: one literal (at most 1 MiB), its dictionary (at most 1 MiB and 64 KiB of
+the old payload and 2 MiB of the new bytes just made), those 2 MiB and a copy
+buffer.
 """
 
 from __future__ import annotations
