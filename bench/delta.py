@@ -77,7 +77,7 @@ from skylift.agent.plan import (
     Source,
 )
 from skylift.chunks import ChunkingParams
-from skylift.chunks.delta import build_delta, cut_chunks
+from skylift.chunks.delta import build_delta, cut_chunks, pair_chunking
 from skylift.cli.delta import plan_delta
 from skylift.errors import SkyliftError
 
@@ -649,11 +649,11 @@ def _write_delta(old: Path, new: Path, params: ChunkingParams, dest: Path) -> in
             new_sha = hashlib.file_digest(n, "sha256")
             o.seek(0)
             n.seek(0)
-            old_chunks = list(cut_chunks(o, params))
+            old_chunks = list(cut_chunks(o, pair_chunking(params)))
             n.seek(0)
             header, ops = build_delta(
                 old_chunks=old_chunks,
-                new_chunks=cut_chunks(n, params),
+                new_chunks=cut_chunks(n, pair_chunking(params)),
                 old_size=old.stat().st_size,
                 new_size=new.stat().st_size,
                 from_sha256=old_sha.digest(),

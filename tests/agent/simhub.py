@@ -58,7 +58,7 @@ from skylift.bundle import (
     write_bundle,
 )
 from skylift.chunks import ChunkingParams
-from skylift.chunks.delta import build_delta, cut_chunks
+from skylift.chunks.delta import build_delta, cut_chunks, pair_chunking
 
 __all__ = [
     "PARAMS",
@@ -116,7 +116,7 @@ def make_delta(old: bytes, new: bytes, params: ChunkingParams = PARAMS) -> bytes
     """A per-pair delta from ``old`` to ``new``, as the hub makes it (skylift.chunks.delta)."""
 
     def cut(data: bytes) -> list[tuple[int, int, bytes]]:
-        return list(cut_chunks(io.BytesIO(data), params))
+        return list(cut_chunks(io.BytesIO(data), pair_chunking(params)))
 
     frames: list[bytes] = []
     header, ops = build_delta(

@@ -27,6 +27,7 @@ from skylift.chunks.delta import (
     decode_literal,
     encode_header,
     encode_ops,
+    pair_chunking,
     parse_header,
     parse_ops,
     plan_ops,
@@ -145,6 +146,26 @@ def test_replay_refuses_a_literal_that_takes_new_bytes_not_yet_made() -> None:
     ops = [DeltaOp(LITERAL, 100, 0, 0, len(frame), recent_length=10)]
     with pytest.raises(DeltaError, match="not yet made"):
         list(replay(ops, io.BytesIO(frame).read, lambda o, n: OLD[o : o + n]))
+
+
+def test_content_defined_payloads_are_cut_finer_for_a_delta() -> None:
+    assert pair_chunking(FIXED) == FIXED  # filesystem blocks stay
+    assert pair_chunking(ChunkingParams.fixed(65536)) == ChunkingParams.fixed(65536)
+    assert pair_chunking(ChunkingParams.cdc(16384)) == ChunkingParams.cdc(4096)
+    assert pair_chunking(ChunkingParams.cdc(2048)) == ChunkingParams.cdc(2048)
+    # Why: a one-byte edit costs a literal of the chunk around it, plus the
+    # neighbours the edit's new cut points join to it.
+    old = random.Random(3).randbytes(400_000)
+    new = bytearray(old)
+    for at in range(20_000, 400_000, 50_000):
+        new[at] ^= 0xFF
+    coarse = ChunkingParams.cdc(16384)
+    ops = {
+        params: list(plan_ops(_cut(old, params), _cut(bytes(new), params), old_size=len(old)))
+        for params in (coarse, pair_chunking(coarse))
+    }
+    literal = {p: sum(op.length for op in o if op.kind == LITERAL) for p, o in ops.items()}
+    assert literal[pair_chunking(coarse)] * 2 < literal[coarse]
 
 
 def test_identical_payloads_are_one_copy() -> None:

@@ -49,7 +49,7 @@ from skylift.bundle import (
     read_head,
 )
 from skylift.chunks import ChunkError, IndexTotalsError, PackedEntries, PageChainVerifier
-from skylift.chunks.delta import build_delta, cut_chunks
+from skylift.chunks.delta import build_delta, cut_chunks, pair_chunking
 from skylift.chunks.index import PAGE_HEADER_SIZE, compress_index, parse_page_header
 from skylift.cli.bundle import KeyOpt, RootOpt, ThresholdOpt
 from skylift.cli.common import err, human_size, out, trusted_keys
@@ -324,9 +324,10 @@ def measure_pair_delta(d: DeltaPlan, bundle: Path, seed: Path, trusted: TrustedK
     """``d`` with the size of the per-pair delta from ``seed`` to its payload.
 
     Made as the hub makes it (:func:`skylift.chunks.delta.build_delta`: the
-    seed cut with the payload's chunking, literals compressed against the
-    seed): the payload is first written out of the bundle to a temporary
-    file (signatures checked against ``trusted``, every chunk verified), the
+    seed and the payload cut with :func:`~skylift.chunks.delta.pair_chunking`,
+    literals compressed against the seed and the bytes made before them):
+    the payload is first written out of the bundle to a temporary file
+    (signatures checked against ``trusted``, every chunk verified), the
     frames are counted, not kept.
 
     Raises:
@@ -345,7 +346,8 @@ def measure_pair_delta(d: DeltaPlan, bundle: Path, seed: Path, trusted: TrustedK
         with open(seed, "rb") as old_f, open(new_path, "rb") as new_f:
             old_sha = hashlib.file_digest(old_f, "sha256")
             old_f.seek(0)
-            old_chunks = list(cut_chunks(old_f, payload.chunking))
+            pair = pair_chunking(payload.chunking)
+            old_chunks = list(cut_chunks(old_f, pair))
             total = [0]
 
             def count(frame: bytes) -> None:
@@ -353,7 +355,7 @@ def measure_pair_delta(d: DeltaPlan, bundle: Path, seed: Path, trusted: TrustedK
 
             header, ops = build_delta(
                 old_chunks=old_chunks,
-                new_chunks=((e.offset, e.length, e.digest) for e in d.plan.entries),
+                new_chunks=cut_chunks(new_f, pair),
                 old_size=d.seed_bytes,
                 new_size=payload.size,
                 from_sha256=old_sha.digest(),

@@ -17,7 +17,8 @@ manifests have with the same name and slot class:
 2. **Make** one pending delta at a time, in a temporary directory: rebuild
    both payloads from their packs (bounded reads, every chunk decoded and
    checked against its index entry, the whole payload against its manifest
-   SHA-256), cut the old one with the new payload's chunking, and call
+   SHA-256), cut both with :func:`~skylift.chunks.delta.pair_chunking` of
+   the new payload's chunking, and call
    :func:`~skylift.chunks.delta.build_delta`.
 3. **Check** it the way a device will: parse it back and apply it, in bounded
    memory, to the old payload; it must rebuild exactly the new payload's
@@ -65,7 +66,14 @@ from tuf.api.metadata import TargetFile
 
 from skylift.bundle import BundleError, Manifest, PayloadEntry, read_head
 from skylift.chunks import ChunkEntry, ChunkError, ChunkingParams, decode_chunk
-from skylift.chunks.delta import DeltaError, build_delta, cut_chunks, read_delta, replay
+from skylift.chunks.delta import (
+    DeltaError,
+    build_delta,
+    cut_chunks,
+    pair_chunking,
+    read_delta,
+    replay,
+)
 from skylift.errors import SkyliftError
 from skylift.hub import web
 from skylift.hub.content import MAX_INDEX_BYTES, ContentError, verify_index, version_segment
@@ -560,6 +568,13 @@ def _make(ctx: HubContext, job: _Job) -> _Result:
         _rebuild(store, f"{new_prefix}{job.payload}.pack", new_entries, new_p, new_path)
         old_chunks = _cut(old_path, new_p.chunking)
         plan_bytes = chunk_plan_bytes(index_bytes, new_entries, (c[2] for c in old_chunks))
+        pair = pair_chunking(new_p.chunking)
+        if pair == new_p.chunking:
+            new_chunks: Iterable[tuple[int, int, bytes]] = (
+                (e.offset, e.length, e.digest) for e in new_entries
+            )
+        else:
+            old_chunks, new_chunks = _cut(old_path, pair), _cut(new_path, pair)
         frames_path, delta_path = work / "frames", work / "delta"
         with open(old_path, "rb") as old_f, open(new_path, "rb") as new_f:
             with open(frames_path, "wb") as frames:
@@ -569,7 +584,7 @@ def _make(ctx: HubContext, job: _Job) -> _Result:
 
                 header, ops = build_delta(
                     old_chunks=old_chunks,
-                    new_chunks=((e.offset, e.length, e.digest) for e in new_entries),
+                    new_chunks=new_chunks,
                     old_size=old_p.size,
                     new_size=new_p.size,
                     from_sha256=bytes.fromhex(old_p.sha256),
@@ -578,7 +593,7 @@ def _make(ctx: HubContext, job: _Job) -> _Result:
                     read_new=lambda offset, n: _pread(new_f, offset, n),
                     write_frame=write_frame,
                 )
-            del old_chunks
+            del old_chunks, new_chunks
             with open(delta_path, "wb") as out, open(frames_path, "rb") as frames_in:
                 out.write(header)
                 out.write(ops)
