@@ -426,8 +426,11 @@ def _deltas_table(items: list[dict[str, Any]]) -> Table:
             if isinstance(length, int) and isinstance(plan, int) and plan > 0
             else ""
         )
+        status, attempts = d.get("status"), d.get("attempts")
+        if status == "failed" and isinstance(attempts, int):
+            status = f"failed ({attempts} attempt{'s' if attempts > 1 else ''})"
         table.add_row(
-            _t(d.get("from_version")), _t(d.get("payload")), _t(d.get("status")),
+            _t(d.get("from_version")), _t(d.get("payload")), _t(status),
             _t(_size(length)), _t(_size(plan)), _t(saved), _t(d.get("error")),
         )  # fmt: skip
     return table

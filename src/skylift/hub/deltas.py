@@ -30,7 +30,9 @@ manifests have with the same name and slot class:
    ``ready``; otherwise ``larger`` (not stored, not offered).
 
 A delta that cannot be made (a missing or corrupt object, a store outage) is
-``failed`` with a one-line reason and the others go on; payloads over
+``failed`` with a one-line reason and the others go on; it is tried again
+:data:`RETRY_AFTER_S` after the first failure and four times that after the
+second, :data:`MAX_ATTEMPTS` times in all, after the pending ones; payloads over
 ``[deltas] max_payload_bytes`` are ``too_large``. Several hub processes may
 run the loop: a process takes a pending delta with a lease
 (:data:`LEASE_S`), so a process that dies while making one leaves it to
@@ -59,7 +61,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import zstandard
-from sqlalchemy import or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, aliased
 from tuf.api.metadata import TargetFile
@@ -85,6 +87,8 @@ from skylift.hub.web import HubContext
 __all__ = [
     "INTERVAL_KEY",
     "LEASE_S",
+    "MAX_ATTEMPTS",
+    "RETRY_AFTER_S",
     "DeltaSummary",
     "background",
     "chunk_plan_bytes",
@@ -92,6 +96,7 @@ __all__ = [
     "director_target",
     "offered",
     "release_deltas",
+    "retry_after",
     "run_pending",
 ]
 
@@ -102,6 +107,10 @@ log = logging.getLogger("skylift.hub.deltas")
 INTERVAL_KEY = "skylift.deltas.interval_s"
 #: How long a hub process has to make the delta it took before another may.
 LEASE_S = 3600
+#: A failed delta is made at most this many times in all ...
+MAX_ATTEMPTS = 3
+#: ... the second time this many seconds after the first failed, then four times as long.
+RETRY_AFTER_S = 600
 #: Releases planned per :func:`run_pending` call.
 _PLAN_BATCH = 8
 #: Pack bytes read per request when rebuilding a payload (plus one chunk at most).
@@ -210,6 +219,7 @@ class DeltaSummary:
     seconds: float | None
     created: datetime
     finished: datetime | None
+    attempts: int
 
 
 def release_deltas(session: Session, release_ids: Sequence[int]) -> dict[int, list[DeltaSummary]]:
@@ -239,6 +249,7 @@ def release_deltas(session: Session, release_ids: Sequence[int]) -> dict[int, li
                 seconds=row.seconds,
                 created=row.created,
                 finished=row.finished,
+                attempts=row.attempts,
             )
         )
     return found
@@ -377,6 +388,7 @@ class _Job:
     from_manifest_digest: str
     payload: str
     from_sha256: str
+    attempt: int = 1
 
     def describe(self) -> str:
         return f"{self.product} {self.from_version} -> {self.version} {self.payload}"
@@ -391,8 +403,18 @@ class _Result:
     error: str | None = None
 
 
+def retry_after(attempts: int) -> timedelta:
+    """How long after its ``attempts``-th attempt failed a delta is tried again."""
+    return timedelta(seconds=RETRY_AFTER_S * 4 ** max(attempts - 1, 0))
+
+
 def _claim(ctx: HubContext, now: datetime) -> _Job | None:
-    """Take the next pending delta (newest release first) under a lease."""
+    """Take the next pending delta (newest release first), else a failed one due, under a lease."""
+    order = (ReleaseDelta.release_id.desc(), ReleaseDelta.from_release_id.desc(), ReleaseDelta.id)
+    due = [
+        and_(ReleaseDelta.attempts == n, ReleaseDelta.finished < now - retry_after(n))
+        for n in range(1, MAX_ATTEMPTS)
+    ]
     with ctx.transaction() as session:
         row = session.scalars(
             select(ReleaseDelta)
@@ -400,16 +422,22 @@ def _claim(ctx: HubContext, now: datetime) -> _Job | None:
                 ReleaseDelta.status == DeltaStatus.PENDING,
                 or_(ReleaseDelta.lease_until.is_(None), ReleaseDelta.lease_until < now),
             )
-            .order_by(
-                ReleaseDelta.release_id.desc(),
-                ReleaseDelta.from_release_id.desc(),
-                ReleaseDelta.id,
-            )
+            .order_by(*order)
             .limit(1)
             .with_for_update(skip_locked=True)
         ).first()
+        if row is None and due:
+            row = session.scalars(
+                select(ReleaseDelta)
+                .where(ReleaseDelta.status == DeltaStatus.FAILED, or_(*due))
+                .order_by(*order)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).first()
         if row is None:
             return None
+        row.status = DeltaStatus.PENDING  # a failed one again, until this attempt ends
+        row.attempts += 1
         row.lease_until = now + timedelta(seconds=LEASE_S)
         release = session.get(Release, row.release_id)
         old = session.get(Release, row.from_release_id)
@@ -427,6 +455,7 @@ def _claim(ctx: HubContext, now: datetime) -> _Job | None:
             from_manifest_digest=old.manifest_digest,
             payload=row.payload,
             from_sha256=row.from_sha256,
+            attempt=row.attempts,
         )
 
 
@@ -643,6 +672,12 @@ def _run_one(ctx: HubContext, job: _Job) -> str:
         )
     else:
         line = f"delta {job.describe()}: {result.status}: {result.error}"
+        if result.status == DeltaStatus.FAILED:
+            if job.attempt < MAX_ATTEMPTS:
+                wait = retry_after(job.attempt).total_seconds() / 60
+                line += f" (attempt {job.attempt} of {MAX_ATTEMPTS}; again in {wait:.0f} min)"
+            else:
+                line += f" (attempt {job.attempt} of {MAX_ATTEMPTS}; not tried again)"
     log.info("%s", line)
     return line
 

@@ -290,10 +290,12 @@ SCHEMAS: dict[str, Schema] = {
             "seconds": _null({"type": "number", "minimum": 0}),
             "created": _TIME,
             "finished": _null(_TIME),
+            "attempts": {"type": "integer", "minimum": 0},
         },
         description="A per-pair delta from an older release's payload: ready ones are offered "
         "to devices; larger (than the chunk plan of a device running that release) ones are "
-        "not; too_large and failed say why in error",
+        "not; too_large and failed say why in error; a failed one is tried again later, three "
+        "attempts in all",
     ),
     "Release": _obj(
         {

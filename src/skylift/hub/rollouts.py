@@ -85,6 +85,7 @@ from skylift.hub import deltas, gateway, web
 from skylift.hub.auth import Role
 from skylift.hub.db.models import (
     AuditEntry,
+    DeltaStatus,
     Deployment,
     DeploymentDevice,
     DeploymentPhase,
@@ -93,6 +94,7 @@ from skylift.hub.db.models import (
     DirectorTargets,
     Product,
     Release,
+    ReleaseDelta,
     RolloutStatus,
 )
 from skylift.hub.web import Conflict, HubContext, Principal
@@ -378,8 +380,9 @@ def release_target(ctx: HubContext, session: Session, deployment: Deployment) ->
     field ``deltas`` is the director's own: the release's ready per-pair
     deltas (:func:`skylift.hub.deltas.offered`). It is read afresh on each
     call, so a delta made during a rollout reaches the devices assigned
-    after it; the same deltas make the same target, so the director re-signs
-    nothing for them.
+    after it (and :func:`tick` re-assigns the devices assigned before it
+    that have not begun); the same deltas make the same target, so the
+    director re-signs nothing for them.
 
     Raises:
         Conflict: the image repository does not list the release (it was
@@ -696,13 +699,83 @@ def _tick_one(ctx: HubContext, deployment_id: int, now: datetime) -> _Outcome:
     return out
 
 
+def _offer_new_deltas(ctx: HubContext, now: datetime) -> _Outcome:
+    """Offer deltas made since their release's deployments began to devices that have not begun.
+
+    A release is often deployed right after it is published, before the hub
+    has made its deltas (minutes for a large image): the devices of the
+    phases started by then were assigned a target without them. Once a
+    delta is ready, the devices of active deployments of its release that
+    are still ``pending`` (they have not reported a download) are assigned
+    the target again, now naming it; a device polling after that fetches
+    the delta instead of the chunks. Devices already downloading are left
+    alone. Each ready delta is offered so once (``release_deltas.offered``),
+    in one transaction: if the director cannot be written, the next tick
+    tries again.
+    """
+    out = _Outcome()
+    with ctx.transaction() as session:
+        fresh = session.scalars(
+            select(ReleaseDelta)
+            .where(ReleaseDelta.status == DeltaStatus.READY, ReleaseDelta.offered.is_(None))
+            .order_by(ReleaseDelta.id)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if not fresh:
+            return out
+        for delta in fresh:
+            delta.offered = now
+        deployments = session.scalars(
+            select(Deployment)
+            .where(
+                Deployment.release_id.in_(sorted({d.release_id for d in fresh})),
+                Deployment.status == DeploymentStatus.ACTIVE,
+            )
+            .order_by(Deployment.id)
+            .with_for_update()
+        ).all()
+        for deployment in deployments:
+            pending = _devices(
+                session,
+                deployment.id,
+                phases=_started(deployment),
+                statuses=[RolloutStatus.PENDING],
+            )
+            changed = _assign(ctx, session, pending, release_target(ctx, session, deployment), now)
+            if not changed:
+                continue
+            web.audit(
+                session,
+                Principal(deployment.org_id, Role.OPERATOR, ACTOR),
+                "deployment.deltas_offered",
+                "deployment",
+                deployment.id,
+                {"phase": deployment.current_phase, "devices": len(changed)},
+            )
+            out.devices += changed
+            out.changes.append(
+                f"deployment {deployment.id}: new per-pair deltas offered to "
+                f"{len(changed)} device(s) that had not begun"
+            )
+    return out
+
+
 def tick(ctx: HubContext, now: datetime | None = None) -> list[str]:
     """Advance or pause every active deployment once; one line per change made. Blocking.
 
-    A deployment that fails (a store outage, a lost target) is logged and
-    left for the next tick; the others still move.
+    Deltas made since their deployments began are offered first
+    (:func:`_offer_new_deltas`). A deployment that fails (a store outage, a
+    lost target) is logged and left for the next tick; the others still move.
     """
     now = now or ctx.clock()
+    changes: list[str] = []
+    try:
+        offered = _offer_new_deltas(ctx, now)
+    except (SkyliftError, SQLAlchemyError, OSError):
+        log.exception("offering new per-pair deltas failed; retrying next tick")
+    else:
+        notify(offered.devices)
+        changes += offered.changes
     with ctx.sessions() as session:
         ids = list(
             session.scalars(
@@ -711,7 +784,6 @@ def tick(ctx: HubContext, now: datetime | None = None) -> list[str]:
                 .order_by(Deployment.id)
             )
         )
-    changes: list[str] = []
     for deployment_id in ids:
         try:
             outcome = _tick_one(ctx, deployment_id, now)

@@ -31,7 +31,7 @@ from skylift.hub.db.models import Base, Organisation
 def test_upgrade_builds_the_schema_at_head(database_url: str) -> None:
     assert current_revision(database_url) is None
     upgrade(database_url)
-    assert current_revision(database_url) == head_revision() == "0005"
+    assert current_revision(database_url) == head_revision() == "0006"
     engine = make_engine(database_url)
     try:
         tables = set(sa.inspect(engine).get_table_names())

@@ -286,11 +286,11 @@ class _FakeClient:
         return self.answer
 
 
-def test_a_delta_made_during_a_rollout_reaches_devices_assigned_after_it(
+def test_a_delta_made_during_a_rollout_reaches_devices_that_have_not_begun(
     hub: Hub, bundles: dict[str, Exploded]
 ) -> None:
     _publish(hub, bundles, "1.0.0", "1.1.0")
-    ids = [f"d{i}" for i in range(4)]
+    ids = [f"d{i}" for i in range(6)]
     hub.add_devices(ids, slots={d: {"rootfs": "1.0.0"} for d in ids})
     r = hub.deploy(version="1.1.0", phases=[{"percent": 50}, {"percent": 100}], min_soak_s=0)
     assert r.status_code == 201, r.text
@@ -298,15 +298,35 @@ def test_a_delta_made_during_a_rollout_reaches_devices_assigned_after_it(
     phases = hub.phase_of(deployment)
     first = sorted(d for d, p in phases.items() if p == 0)
     second = sorted(d for d, p in phases.items() if p == 1)
-    assert first and second
+    assert len(first) >= 2 and second
     for d in first:
         assert "deltas" not in _custom(hub, d)  # none made yet
     assert all(hub.assigned(d) is None for d in second)
+    # One device of the first phase has begun downloading the chunks.
+    busy, waiting = first[0], first[1:]
+    hub.report(deployment, [busy], RolloutStatus.DOWNLOADING)
+    signed = {d: _director_version(hub, d) for d in first}
+    assert rollouts.tick(hub.ctx) == []  # no delta yet: nothing to offer
 
     assert len(deltas.run_pending(hub.ctx)) == 1
-    signed = {d: _director_version(hub, d) for d in first}
-    rollouts.tick(hub.ctx)  # phase 0 is not done: nothing moves, nothing is re-signed
-    assert {d: _director_version(hub, d) for d in first} == signed
+    # The next tick offers it to the devices that have not begun, and only to them.
+    changes = rollouts.tick(hub.ctx)
+    assert changes == [
+        f"deployment {deployment}: new per-pair deltas offered to {len(waiting)} device(s) "
+        "that had not begun"
+    ]
+    for d in waiting:
+        assert _director_version(hub, d) == signed[d] + 1
+        assert [o["from_version"] for o in _custom(hub, d)["deltas"]["rootfs"]] == ["1.0.0"]
+    assert _director_version(hub, busy) == signed[busy]
+    assert "deltas" not in _custom(hub, busy)
+    (entry,) = hub.audit("deployment.deltas_offered")
+    assert (entry.actor, entry.details) == (rollouts.ACTOR, {"phase": 0, "devices": len(waiting)})
+    # Offered once: later ticks re-sign nothing.
+    again = {d: _director_version(hub, d) for d in first}
+    for _ in range(2):
+        assert rollouts.tick(hub.ctx) == []
+    assert {d: _director_version(hub, d) for d in first} == again
 
     hub.report(deployment, first, RolloutStatus.COMMITTED)
     assert any("phase 1 started" in c for c in rollouts.tick(hub.ctx))
@@ -369,8 +389,12 @@ def test_no_previous_releases_means_no_deltas(hub: Hub, bundles: dict[str, Explo
 
 @pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)  # logic, not SQL
 @pytest.mark.parametrize("damage", ["missing", "corrupt", "truncated"])
-def test_a_delta_that_cannot_be_made_fails_alone(
-    hub: Hub, bundles: dict[str, Exploded], images: dict[str, bytes], damage: str
+def test_a_delta_that_cannot_be_made_fails_alone_and_is_tried_again_later(
+    hub: Hub,
+    bundles: dict[str, Exploded],
+    images: dict[str, bytes],
+    damage: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _publish(hub, bundles, *VERSIONS)
     key = f"releases/{PRODUCT}/1.1.0/rootfs.pack"
@@ -402,11 +426,43 @@ def test_a_delta_that_cannot_be_made_fails_alone(
     assert sorted(k for k in hub.ctx.store.iter_keys("releases/") if k.endswith(".delta")) == [
         _delta_key("1.2.0", _sha(old))
     ]
-    assert deltas.run_pending(hub.ctx, limit=10) == []  # failed is final, not retried in a loop
+    assert deltas.run_pending(hub.ctx, limit=10) == []  # not retried in a loop
     shown = hub.get(f"/products/{PRODUCT}/releases/1.2.0").json()["deltas"]
-    assert [(d["from_version"], d["status"]) for d in shown] == [
-        ("1.1.0", "failed"), ("1.0.0", "ready"),
+    assert [(d["from_version"], d["status"], d["attempts"]) for d in shown] == [
+        ("1.1.0", "failed", 1), ("1.0.0", "ready", 1),
     ]  # fmt: skip
+
+    # Failed deltas are tried again later: after RETRY_AFTER_S, then four times that.
+    hub.clock.advance(deltas.RETRY_AFTER_S + 1)
+    lines = deltas.run_pending(hub.ctx, limit=10)
+    assert len(lines) == 2 and all("(attempt 2 of 3; again in 40 min)" in ln for ln in lines)
+    hub.clock.advance(deltas.RETRY_AFTER_S + 1)
+    assert deltas.run_pending(hub.ctx, limit=10) == []
+    hub.clock.advance(3 * deltas.RETRY_AFTER_S)
+    if damage == "missing":  # the operator restored the pack: the third attempt makes them
+        hub.ctx.store.put(key, pack)
+        lines = deltas.run_pending(hub.ctx, limit=10)
+        assert [ln.split(":")[1].split(",")[0].strip() for ln in lines] == ["ready", "ready"]
+        final = {(v, f): (d.status, d.attempts, d.error) for v, f, _, _, d in _rows(hub)}
+        assert final[("1.1.0", "1.0.0")] == (DeltaStatus.READY, 3, None)
+        assert (
+            _apply(hub.ctx.store.get(_delta_key("1.1.0", _sha(old)), max_bytes=IMAGE_BYTES), old)
+            == images["1.1.0"]
+        )
+        return
+    lines = deltas.run_pending(hub.ctx, limit=10)
+    assert len(lines) == 2 and all("(attempt 3 of 3; not tried again)" in ln for ln in lines)
+    hub.clock.advance(86400 * 30)
+    assert deltas.run_pending(hub.ctx, limit=10) == []  # three attempts in all
+    shown = hub.get(f"/products/{PRODUCT}/releases/1.2.0").json()["deltas"]
+    assert [(d["status"], d["attempts"]) for d in shown] == [("failed", 3), ("ready", 1)]
+    out = io.StringIO()
+    monkeypatch.setattr(remote, "out", Console(file=out, width=200))
+    monkeypatch.setattr(
+        remote, "_client", lambda: _FakeClient({"version": "1.2.0", "deltas": shown})
+    )
+    remote.release_show(PRODUCT, "1.2.0", as_json=False)
+    assert "failed (3 attempts)" in out.getvalue()
 
 
 @pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)  # logic, not SQL

@@ -95,6 +95,7 @@ def delta_json(delta: deltas.DeltaSummary) -> dict[str, Any]:
         "seconds": delta.seconds,
         "created": rfc3339(delta.created),
         "finished": rfc3339(delta.finished) if delta.finished is not None else None,
+        "attempts": delta.attempts,
     }
 
 

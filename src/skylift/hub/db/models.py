@@ -660,6 +660,10 @@ class ReleaseDelta(Base):
     running exactly the old release (compressed index plus the missing
     chunks). ``lease_until`` keeps other hub processes off a delta being
     made; ``error`` says, in one line, why it failed or was skipped.
+    ``offered`` is when the rollout engine offered a ready delta to the
+    devices assigned its release before it was made (``skylift.hub.rollouts``).
+    ``attempts`` counts the times a hub process began making it: a failed
+    delta is tried again later, up to ``skylift.hub.deltas.MAX_ATTEMPTS``.
     """
 
     __tablename__ = "release_deltas"
@@ -670,7 +674,15 @@ class ReleaseDelta(Base):
         CheckConstraint("from_release_id < release_id", name="older"),
         CheckConstraint("length IS NULL OR length > 0", name="length"),
     )
-    _repr_fields = ("id", "release_id", "from_release_id", "payload", "status", "length")
+    _repr_fields = (
+        "id",
+        "release_id",
+        "from_release_id",
+        "payload",
+        "status",
+        "length",
+        "attempts",
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     release_id: Mapped[int] = mapped_column(ForeignKey("releases.id", ondelete="CASCADE"))
@@ -689,6 +701,8 @@ class ReleaseDelta(Base):
     created: Mapped[datetime] = mapped_column(default=utcnow)
     lease_until: Mapped[datetime | None] = mapped_column()
     finished: Mapped[datetime | None] = mapped_column()
+    offered: Mapped[datetime | None] = mapped_column()
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
 
     from_release: Mapped[Release] = relationship(foreign_keys=[from_release_id])
 
