@@ -140,12 +140,12 @@ def _apply(
     max_gap_bytes: int,
 ) -> InstallResult:
     try:
-        stale = run.copy(plan.steps.iter_from(Source.SEED), seed)
+        stale = run.copy(Source.SEED, seed)
         requests = list(plan.requests)
         if stale:
             requests += coalesce([s.pack_range for s in stale], max_gap_bytes=max_gap_bytes)
         run.fetch(requests, plan.steps.select(Source.PACK, also=stale))
-        run.copy(plan.steps.iter_from(Source.TARGET), run.slot)
+        run.copy(Source.TARGET, run.slot)
     except BaseException:
         run.checkpoint_quietly()
         raise
@@ -211,62 +211,66 @@ class _Run:
         with contextlib.suppress(SkyliftError, OSError):
             self.checkpoint()
 
-    def copy(self, steps: Iterable[ChunkStep], source: SlotDevice | None) -> list[ChunkStep]:
-        """Copy chunks from ``source``; return those whose bytes there are not the chunk.
+    def copy(self, kind: Source, source: SlotDevice | None) -> list[ChunkStep]:
+        """Copy the plan's chunks from ``kind`` out of ``source``; return those that are not there.
 
         Neighbouring chunks that are neighbours in the source too are read and
         written as one run (up to 1 MiB); each chunk of a run is still hashed
         on its own before any of it is written. A chunk of zeros is written
-        from memory, not read.
+        from memory, not read. The steps are walked as packed fields: only
+        the stale ones are built.
         """
-        stale: list[ChunkStep] = []
-        for run in _runs(steps, self.zero_digests):
-            if run[0].entry.digest in self.zero_digests:
-                total = sum(s.entry.length for s in run)
-                self.slot.zero_range(run[0].entry.offset, total)
+        stale: list[_Fields] = []
+        for run in _runs(self.plan.steps.fields_from(kind), self.zero_digests):
+            first = run[0]
+            total = run[-1][1] + run[-1][2] - first[1]
+            if first[3] in self.zero_digests:
+                self.slot.zero_range(first[1], total)
                 self.wrote(run, total)
             elif source is None:
                 stale.extend(run)
                 continue
             else:
-                total = sum(s.entry.length for s in run)
-                view = memoryview(source.read_range(run[0].source_offset, total))
-                good: list[ChunkStep] = []
-                start = pos = 0
-                digests = self.workers.map(_sha256, _slices(view, [s.entry for s in run]))
-                for step, digest in zip(run, digests, strict=True):
-                    end = pos + step.entry.length
-                    if digest == step.entry.digest:
-                        good.append(step)
+                view = memoryview(source.read_range(first[4], total))
+                digests = self.workers.map(_sha256, _slices(view, [f[2] for f in run]))
+                good = 0  # run[good_from:k] are good and not yet written
+                good_from = start = pos = 0
+                for k, (fields, digest) in enumerate(zip(run, digests, strict=True)):
+                    end = pos + fields[2]
+                    if digest == fields[3]:
+                        good += 1
                     else:
                         if good:
-                            self.write_run(good, view[start:pos])
-                        good = []
-                        start = end
-                        stale.append(step)
+                            self.write_run(run[good_from:k], view[start:pos])
+                        good, good_from, start = 0, k + 1, end
+                        stale.append(fields)
                     pos = end
                 if good:
-                    self.write_run(good, view[start:pos])
+                    self.write_run(run[good_from:], view[start:pos])
             self.progress("copy")
             if self.unsynced >= _CHECKPOINT_BYTES:
                 self.checkpoint()
-        if stale and stale[0].source is Source.TARGET:
+        if stale and kind is Source.TARGET:
             # An earlier chunk of this very install was verified when written: if it
             # is wrong now, the slot is failing.
             raise SlotVerifyError(
                 f"{len(stale)} chunk(s) written earlier in this install read back wrong",
                 hint="the storage may be failing; the install will start over",
             )
-        return stale
+        return [self.plan.steps.step(f[0], kind, f[4]) for f in stale]
 
-    def write_run(self, run: Sequence[ChunkStep], data: memoryview) -> None:
+    def write_run(self, run: Sequence[_Fields], data: memoryview) -> None:
         """Write verified neighbouring chunks at once."""
-        self.slot.write_at(run[0].entry.offset, data)
+        self.slot.write_at(run[0][1], data)
         self.wrote(run, len(data))
 
-    def wrote(self, run: Sequence[ChunkStep], length: int) -> None:
-        for step in run:
-            self.journal.add(step.ordinal)
+    def wrote(self, run: Sequence[_Fields], length: int) -> None:
+        first, last = run[0][0], run[-1][0]
+        if last - first + 1 == len(run):  # consecutive ordinals: one span
+            self.journal.add_span(first, last + 1)
+        else:
+            for fields in run:
+                self.journal.add(fields[0])
         self.done += length
         self.unsynced += length
 
@@ -310,25 +314,28 @@ class _Run:
         zeros = self.zero_digests
         done = 0
         for run in _verify_runs(entries):
-            first = run[0]
-            total = run[-1].offset + run[-1].length - first.offset
-            data = self.slot.read_range(first.offset, total)
-            pieces = _slices(memoryview(data), run)
+            fields = list(run.iter_fields())
+            first = fields[0]
+            total = fields[-1][0] + fields[-1][1] - first[0]
+            data = self.slot.read_range(first[0], total)
+            pieces = _slices(memoryview(data), [f[1] for f in fields])
             # Zero chunks are compared, the others hashed (on the workers).
             digests = iter(
                 self.workers.map(
-                    _sha256, [p for e, p in zip(run, pieces, strict=True) if e.digest not in zeros]
+                    _sha256,
+                    [p for f, p in zip(fields, pieces, strict=True) if f[4] not in zeros],
                 )
             )
-            for entry, piece in zip(run, pieces, strict=True):
-                if entry.digest in zeros:
-                    ok = piece.tobytes() == _zeros(entry.length)
-                else:
-                    ok = next(digests) == entry.digest
+            for (offset, length, _, _, digest), piece in zip(fields, pieces, strict=True):
+                ok = (
+                    piece.tobytes() == _zeros(length)
+                    if digest in zeros
+                    else next(digests) == digest
+                )
                 if not ok:
                     self.journal.reset()
                     raise SlotVerifyError(
-                        f"the slot does not hold the chunk at offset {entry.offset} after writing",
+                        f"the slot does not hold the chunk at offset {offset} after writing",
                         hint="the storage may be failing; the install will start over",
                     )
             if whole is not None:
@@ -386,13 +393,13 @@ def _sha256(data: memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _slices(view: memoryview, entries: Sequence[ChunkEntry]) -> list[memoryview]:
-    """``view`` cut into the consecutive ``entries``' lengths."""
+def _slices(view: memoryview, lengths: Iterable[int]) -> list[memoryview]:
+    """``view`` cut into consecutive pieces of ``lengths``."""
     out = []
     pos = 0
-    for e in entries:
-        out.append(view[pos : pos + e.length])
-        pos += e.length
+    for n in lengths:
+        out.append(view[pos : pos + n])
+        pos += n
     return out
 
 
@@ -438,31 +445,34 @@ def _zeros(length: int) -> bytes:
     return bytes(length)
 
 
-def _runs(steps: Iterable[ChunkStep], zeros: Collection[bytes]) -> Iterator[list[ChunkStep]]:
+#: ``(ordinal, offset, length, digest, source_offset)`` of a step (PlanSteps.fields_from).
+_Fields = tuple[int, int, int, bytes, int]
+
+
+def _runs(steps: Iterable[_Fields], zeros: Collection[bytes]) -> Iterator[list[_Fields]]:
     """Steps in groups that are neighbours in the target and in their source (1 MiB at most).
 
     Chunks of zeros go in groups of their own (they are written, not read).
     """
-    run: list[ChunkStep] = []
+    run: list[_Fields] = []
     size = 0
     zero = False
-    for step in steps:
-        e = step.entry
-        is_zero = e.digest in zeros
-        if run:
-            last = run[-1]
-            joins = (
-                is_zero == zero
-                and e.offset == last.entry.offset + last.entry.length
-                and (zero or step.source_offset == last.source_offset + last.entry.length)
-                and size + e.length <= _RUN_BYTES
-            )
-            if not joins:
-                yield run
-                run, size = [], 0
-        run.append(step)
-        size += e.length
+    end = source_end = 0  # where the run's last chunk ends, in the target and the source
+    for fields in steps:
+        _, offset, length, digest, source_offset = fields
+        is_zero = digest in zeros
+        if run and not (
+            is_zero == zero
+            and offset == end
+            and (zero or source_offset == source_end)
+            and size + length <= _RUN_BYTES
+        ):
+            yield run
+            run, size = [], 0
+        run.append(fields)
+        size += length
         zero = is_zero
+        end, source_end = offset + length, source_offset + length
     if run:
         yield run
 

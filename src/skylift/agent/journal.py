@@ -160,6 +160,12 @@ class InstallJournal:
         if ordinal not in self._verified:
             self._pending.add(ordinal)
 
+    def add_span(self, start: int, end: int) -> None:
+        """Note that chunks ``start`` to ``end - 1`` were written and verified (as :meth:`add`)."""
+        if start < 0:
+            raise ValueError("ordinals are not negative")
+        self._pending.add_span(start, end)
+
     def commit(self) -> None:
         """Append the pending ordinals and fsync. Sync the slot *before* calling this.
 

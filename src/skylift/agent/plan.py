@@ -257,6 +257,31 @@ class PlanSteps(Sequence[ChunkStep]):
             if c == code:
                 yield self._step(ordinal, c, source_offset)
 
+    def fields_from(self, source: Source) -> Iterator[tuple[int, int, int, bytes, int]]:
+        """``(ordinal, offset, length, digest, source_offset)`` of the steps from ``source``.
+
+        In target order, as plain tuples, for loops over every chunk: no
+        step or entry is built (:meth:`step` builds one when needed).
+        """
+        code = _SOURCE_CODES[source]
+        fields = self._entries.iter_fields()
+        at = -1
+        offset = length = 0
+        digest = b""
+        for ordinal, c, source_offset in zip(
+            self._ordinals, self._sources, self._source_offsets, strict=True
+        ):
+            if c != code:
+                continue
+            while at < ordinal:  # the steps' ordinals ascend: walk the entries once
+                offset, length, _, _, digest = next(fields)
+                at += 1
+            yield ordinal, offset, length, digest, source_offset
+
+    def step(self, ordinal: int, source: Source, source_offset: int) -> ChunkStep:
+        """The step of chunk ``ordinal`` from ``source`` (as :meth:`fields_from` named it)."""
+        return self._step(ordinal, _SOURCE_CODES[source], source_offset)
+
     def pack_starts(self) -> array[int]:
         """Where each step's chunk object starts in the pack (ascending, as the steps are)."""
         return array("Q", (self._pack[ordinal] for ordinal in self._ordinals))

@@ -39,18 +39,23 @@ def iter_chunks(stream: Readable, params: ChunkingParams) -> Iterator[memoryview
         yield chunk.data
 
 
+#: Fixed blocks are read this many bytes at a time (one read a block was a system call
+#: and a Python call each: 0.8 s of the 1.9 s an agent took to cut a 512 MiB slot).
+_FIXED_READ_BYTES = 1024 * 1024
+
+
 def _fixed_blocks(stream: Readable, block_size: int) -> Iterator[memoryview]:
-    buf = bytearray(block_size)
+    size = max(block_size, _FIXED_READ_BYTES // block_size * block_size)
+    buf = bytearray(size)
     view = memoryview(buf)
     while True:
         filled = 0
-        while filled < block_size:  # pipes return short reads: fill the block
+        while filled < size:  # pipes return short reads: fill the buffer
             n = stream.readinto(view[filled:])
             if not n:
                 break
             filled += n
-        if filled == 0:
-            return
-        yield view[:filled]
-        if filled < block_size:
+        for start in range(0, filled, block_size):
+            yield view[start : min(start + block_size, filled)]
+        if filled < size:
             return
