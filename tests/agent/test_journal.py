@@ -34,6 +34,20 @@ def test_committed_ordinals_survive_reopen(tmp_path: Path) -> None:
     assert path.stat().st_size == HEADER_SIZE + 2 * RECORD_SIZE
 
 
+def test_a_span_of_ordinals_is_one_record(tmp_path: Path) -> None:
+    path = tmp_path / "install.journal"
+    j = InstallJournal(path, ID)
+    j.add_span(10, 300)  # a run of copied chunks
+    j.add(300)
+    j.add_span(5, 5)  # empty: nothing
+    with pytest.raises(ValueError, match="not negative"):
+        j.add_span(-1, 3)
+    j.commit()
+    again = InstallJournal(path, ID)
+    assert list(again.verified) == list(range(10, 301))
+    assert path.stat().st_size == HEADER_SIZE + RECORD_SIZE
+
+
 def test_torn_last_record_is_dropped_and_cut_before_appending(tmp_path: Path) -> None:
     path = tmp_path / "install.journal"
     j = InstallJournal(path, ID)

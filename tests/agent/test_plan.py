@@ -289,6 +289,13 @@ def test_packed_steps_are_the_steps_of_the_list_form(
             assert plan.steps_from(source) == chosen
             assert list(steps.iter_from(source)) == chosen
             assert list(steps.select(source)) == chosen
+            # The packed fields the installer walks say the same, and build the same steps.
+            fields = list(steps.fields_from(source))
+            assert fields == [
+                (s.ordinal, s.entry.offset, s.entry.length, s.entry.digest, s.source_offset)
+                for s in chosen
+            ]
+            assert [steps.step(f[0], source, f[4]) for f in fields] == chosen
         some_seeds = [s for s in expected if s.source is Source.SEED][::4]
         assert list(steps.select(Source.PACK, also=some_seeds)) == [
             s for s in expected if s.source is Source.PACK or s in some_seeds
