@@ -333,6 +333,12 @@ BAD = [
         "[download] deltas",
         "must be true or false",
     ),
+    (
+        "reuse_inactive not a bool",
+        MINIMAL + "\n[download]\nreuse_inactive = 1\n",
+        "[download] reuse_inactive",
+        "must be true or false",
+    ),
     ("section not a table", "hooks = 3\n" + MINIMAL, "hooks", "must be a table"),
     ("not toml", MINIMAL + "\n[hub\n", "not valid TOML", ""),
 ]
@@ -374,6 +380,9 @@ def test_directory_slots_carry_rules() -> None:
 
 
 def test_deltas_can_be_turned_off() -> None:
-    config = parse_config(MINIMAL + "\n[download]\ndeltas = false\n", base_dir=Path("/etc"))
+    assert parse_config(MINIMAL, base_dir=Path("/etc")).download.reuse_inactive is True
+    text = MINIMAL + "\n[download]\ndeltas = false\nreuse_inactive = false\n"
+    config = parse_config(text, base_dir=Path("/etc"))
     assert config.download.deltas is False
+    assert config.download.reuse_inactive is False
     assert config.download.max_gap_bytes == 4096  # the rest keeps its defaults

@@ -19,6 +19,7 @@ from skylift.agent.plan import (
     PlanSteps,
     Source,
     coalesce,
+    held_in_place,
     make_plan,
     pack_offsets,
     seed_index,
@@ -95,6 +96,53 @@ def test_seed_is_cut_with_the_payloads_parameters_only_up_to_length() -> None:
     # Other parameters cut elsewhere: almost nothing is shared.
     other = seed_index(io.BytesIO(V1), DEFAULT_CDC, len(V1))
     assert len(set(other) & set(seed)) <= 2
+
+
+@pytest.mark.parametrize("params", [ChunkingParams.fixed(4096), PARAMS], ids=["fixed", "cdc"])
+def test_held_in_place_finds_the_chunks_the_inactive_slot_already_holds(
+    params: ChunkingParams,
+) -> None:
+    data = random.Random(4).randbytes(300_000) + bytes(300_000) + V1[:300_000]
+    entries = PackedEntries(index_of(data, params)[0])
+    n = len(entries)
+    assert n > 10
+    # Everything, in one span.
+    assert held_in_place(io.BytesIO(data), entries) == [(0, n)]
+    # A slot of zeros holds the chunks of zeros, and only those.
+    zeros = [
+        i for i, e in enumerate(entries) if e.digest == hashlib.sha256(bytes(e.length)).digest()
+    ]
+    assert zeros
+    held = held_in_place(io.BytesIO(bytes(len(data))), entries)
+    assert [i for start, end in held for i in range(start, end)] == zeros
+    # A changed byte costs its chunk; a short slot holds what it has.
+    changed = bytearray(data)
+    k = n // 2
+    changed[entries[k].offset + 5] ^= 1
+    assert held_in_place(io.BytesIO(bytes(changed)), entries) == [(0, k), (k + 1, n)]
+    cut = entries[n - 3].offset + 10
+    assert held_in_place(io.BytesIO(data[:cut]), entries) == [(0, n - 3)]
+    assert held_in_place(io.BytesIO(b""), entries) == []
+    # Read through a stream that returns short reads, as pipes and slots may.
+    assert held_in_place(_Trickle(data), entries) == [(0, n)]
+
+
+class _Trickle:
+    """A stream that returns at most 1000 bytes a read."""
+
+    def __init__(self, data: bytes) -> None:
+        self._f = io.BytesIO(data)
+
+    def readinto(self, b: memoryview, /) -> int:
+        return self._f.readinto(memoryview(b)[:1000])
+
+
+def test_held_in_place_takes_chunks_larger_than_its_buffer() -> None:
+    big = ChunkingParams.fixed(2 * 1024 * 1024)
+    data = random.Random(6).randbytes(5 * 1024 * 1024)
+    entries = PackedEntries(index_of(data, big)[0])
+    assert len(entries) == 3
+    assert held_in_place(io.BytesIO(data), entries) == [(0, 3)]
 
 
 def test_resume_skips_verified_chunks() -> None:

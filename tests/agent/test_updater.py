@@ -157,6 +157,51 @@ def test_update_v1_to_v2_commits_and_reports(tmp_path: Path, release_v2: Publish
     assert status.last_result == "committed 2.0.0"
 
 
+@pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "no-reuse"])
+def test_what_the_inactive_slot_already_holds_is_neither_downloaded_nor_written(
+    tmp_path: Path, release_v2: Published, reuse: bool
+) -> None:
+    # The other slot still holds 2.0.0, but for two damaged chunks' worth of bytes
+    # (a release withdrawn and deployed again, a journal lost).
+    dev = make_device(tmp_path, release_v2, hooks={"health_check": "exit 0"})
+    if not reuse:
+        hooks = {"health_check": tmp_path / "hooks" / "health_check"}
+        text = agent_toml(tmp_path, hooks=hooks) + "\n[download]\nreuse_inactive = false\n"
+        dev.config = parse_config(text, base_dir=tmp_path)
+        assert dev.config.download.reuse_inactive is False
+    held = bytearray(V2)
+    held[100_000:100_100] = bytes(100)
+    held[len(V2) - 50 :] = b"x" * 50
+    (tmp_path / "slots" / "rootfs-b.img").write_bytes(bytes(held))
+    writes: list[int] = []
+
+    def counting(slot: SlotConfig, size: int) -> SlotDevice:
+        device = open_for_install(slot, size)
+        write_at = device.write_at
+
+        def write(offset: int, data: bytes) -> None:
+            writes.append(len(data))
+            write_at(offset, data)
+
+        device.write_at = write  # type: ignore[method-assign]
+        return device
+
+    dev.open_slot = counting
+    update_to_reboot(dev)
+    assert dev.slot("B") == V2
+    pack = len(release_v2.packs["rootfs"])
+    if reuse:
+        # The two damaged chunks (from the active slot or the hub), and nothing else,
+        # were written.
+        assert dev.hub.bytes_served < 200_000 and 0 < sum(writes) < 200_000
+    else:
+        assert dev.hub.bytes_served > 200_000  # what the active slot (1.0.0) lacks
+        assert sum(writes) >= len(V2) - 4096 * 2
+    assert dev.hub.bytes_served < pack
+    out = dev.updater().run_once()
+    assert out.state is State.IDLE and dev.board.primary() == "B"
+
+
 def test_every_healthy_boot_marks_the_running_slot_good(
     tmp_path: Path, release_v2: Published
 ) -> None:

@@ -170,6 +170,8 @@ class DownloadConfig:
     max_ranges_per_request: int
     max_range_bytes: int
     deltas: bool = True  # use a per-pair delta the director names (skylift.agent.pairdelta)
+    #: Keep the chunks the inactive slot already holds where the payload puts them.
+    reuse_inactive: bool = True
 
 
 @dataclass(frozen=True)
@@ -428,6 +430,7 @@ class _Parser:
             ),
             max_range_bytes=t.integer("max_range_bytes", 4 * _MIB, low=_MIB, high=256 * _MIB),
             deltas=t.flag("deltas", True),
+            reuse_inactive=t.flag("reuse_inactive", True),
         )
         t.done()
         return download

@@ -51,6 +51,7 @@ __all__ = [
     "SeedIndex",
     "Source",
     "coalesce",
+    "held_in_place",
     "make_plan",
     "pack_offsets",
     "seed_index",
@@ -338,6 +339,65 @@ def pack_offsets(entries: Sequence[ChunkEntry]) -> array[int]:
         position += PACK_OBJECT_OVERHEAD + length
         offsets[i] = position
     return offsets
+
+
+#: The inactive slot is read this many bytes at a time by :func:`held_in_place`.
+_HELD_READ_BYTES = 1024 * 1024
+
+
+def held_in_place(stream: Readable, entries: PackedEntries) -> list[tuple[int, int]]:
+    """The chunks ``stream`` (the inactive slot) already holds where the payload puts them.
+
+    ``[start, end)`` spans of ordinals whose bytes, at their offsets from the
+    start of ``stream``, hash to their digest: a device going back to the
+    release its other slot still holds (a failed release withdrawn, the
+    previous one deployed again), or resuming after its journal was lost,
+    writes and downloads none of them. Read front to back once, 1 MiB at a
+    time; the entries must tile the payload from offset 0 (as every index
+    the bundle writer makes does), else nothing is held. A stream shorter
+    than the payload holds what it has.
+    """
+    spans: list[tuple[int, int]] = []
+    buf = bytearray(_HELD_READ_BYTES)
+    view = memoryview(buf)
+    base = have = 0  # buf[:have] holds the slot's bytes [base, base + have)
+    eof = False
+    start: int | None = None  # the first ordinal of the span being found
+    position = 0  # where the next entry must start
+    ordinal = 0
+    for ordinal, (offset, length, _, _, digest) in enumerate(entries.iter_fields()):
+        if offset != position:
+            break
+        position = offset + length
+        if position > base + have:  # keep what is read of this chunk, read on
+            keep = base + have - offset
+            kept = bytes(view[have - keep : have])
+            if length > len(buf):  # a chunk larger than the buffer: a buffer that holds it
+                view.release()
+                buf = bytearray(length)
+                view = memoryview(buf)
+            buf[:keep] = kept
+            base, have = offset, keep
+            while not eof and have < len(buf):
+                n = stream.readinto(view[have:])
+                if n:
+                    have += n
+                else:
+                    eof = True
+            if position > base + have:
+                break  # the slot ends before this chunk
+        if hashlib.sha256(view[offset - base : position - base]).digest() == digest:
+            if start is None:
+                start = ordinal
+            continue
+        if start is not None:
+            spans.append((start, ordinal))
+            start = None
+    else:
+        ordinal = len(entries)
+    if start is not None:
+        spans.append((start, ordinal))
+    return spans
 
 
 def seed_index(

@@ -86,7 +86,7 @@ from skylift.agent.install import (
     Progress,
     apply_plan,
 )
-from skylift.agent.journal import InstallJournal, JournalError, install_id
+from skylift.agent.journal import InstallJournal, JournalError, OrdinalRanges, install_id
 from skylift.agent.machine import (
     DEFAULT_MAX_RESUMES,
     Action,
@@ -103,6 +103,7 @@ from skylift.agent.plan import (
     ByteRange,
     PlanError,
     PlanTotals,
+    held_in_place,
     make_plan,
     seed_index,
 )
@@ -1326,7 +1327,7 @@ class Updater:
             plan = make_plan(
                 entries,
                 seed,
-                verified=journal.verified,
+                verified=self._held(pair.inactive, entries, journal.verified),
                 max_gap_bytes=download.max_gap_bytes,
                 max_ranges_per_request=download.max_ranges_per_request,
                 max_range_bytes=download.max_range_bytes,
@@ -1350,6 +1351,36 @@ class Updater:
         finally:
             if seed_dev is not None:
                 seed_dev.close()
+
+    def _held(
+        self, slot: SlotConfig, entries: PackedEntries, verified: OrdinalRanges
+    ) -> OrdinalRanges:
+        """The journal's verified chunks, and those the inactive slot already holds in place.
+
+        Chunks the journal names are not read again. Nothing more when
+        ``[download] reuse_inactive`` is off or the slot cannot be read (a
+        file slot not created yet).
+        """
+        if not self.config.download.reuse_inactive:
+            return verified
+        try:
+            device = open_for_reading(slot)
+        except SlotError as e:
+            _log.info("the inactive slot holds nothing to keep: %s", e.diagnostics())
+            return verified
+        try:
+            held = held_in_place(SlotReader(device), entries)
+        finally:
+            device.close()
+        if not held:
+            return verified
+        kept = OrdinalRanges(verified.spans())
+        for start, end in held:
+            kept.add_span(start, end)
+        _log.info(
+            "the inactive slot already holds %d of %d chunks in place", len(kept), len(entries)
+        )
+        return kept
 
     def _check_download(self, payload: PayloadEntry, totals: PlanTotals) -> None:
         limit = self.config.storage.max_download_bytes
