@@ -353,9 +353,9 @@ def held_in_place(stream: Readable, entries: PackedEntries) -> list[tuple[int, i
     release its other slot still holds (a failed release withdrawn, the
     previous one deployed again), or resuming after its journal was lost,
     writes and downloads none of them. Read front to back once, 1 MiB at a
-    time; the entries must tile the payload from offset 0 (as every index
-    the bundle writer makes does), else nothing is held. A stream shorter
-    than the payload holds what it has.
+    time (or one chunk, when larger). The entries tile the payload from
+    offset 0 in every index the bundle writer makes; the scan stops at an
+    entry that does not follow the one before, and where the stream ends.
     """
     spans: list[tuple[int, int]] = []
     buf = bytearray(_HELD_READ_BYTES)

@@ -1357,9 +1357,9 @@ class Updater:
     ) -> OrdinalRanges:
         """The journal's verified chunks, and those the inactive slot already holds in place.
 
-        Chunks the journal names are not read again. Nothing more when
-        ``[download] reuse_inactive`` is off or the slot cannot be read (a
-        file slot not created yet).
+        The slot is read once, front to back (:func:`held_in_place`).
+        Nothing more than the journal's when ``[download] reuse_inactive`` is
+        off or the slot cannot be read (a file slot not created yet).
         """
         if not self.config.download.reuse_inactive:
             return verified
@@ -1378,7 +1378,9 @@ class Updater:
         for start, end in held:
             kept.add_span(start, end)
         _log.info(
-            "the inactive slot already holds %d of %d chunks in place", len(kept), len(entries)
+            "%d of %d chunks are in place already (the inactive slot's and the journal's)",
+            len(kept),
+            len(entries),
         )
         return kept
 
