@@ -12,10 +12,13 @@ import pytest
 import sqlalchemy as sa
 
 from skylift.hub.db.models import (
+    DeltaStatus,
     DeploymentDevice,
     Device,
     DeviceEvent,
     DeviceState,
+    Release,
+    ReleaseDelta,
     VersionCount,
 )
 
@@ -255,3 +258,24 @@ def test_deployment_and_release_pages_show_what_the_fleet_downloaded(
                 .where(DeploymentDevice.deployment_id == 1)
                 .values(downloaded_bytes=None, image_bytes=None)
             )
+
+
+def test_release_page_lists_the_per_pair_deltas(released: Dashboard) -> None:
+    h = released.hub
+    with h.session() as s:
+        ids = dict(s.execute(sa.select(Release.version, Release.id)).all())
+        common = {"release_id": ids["1.1.0"], "from_release_id": ids["1.0.0"]}
+        s.add(ReleaseDelta(**common, payload="rootfs", from_sha256="a" * 64, from_size=4096,
+                           status=DeltaStatus.READY, length=12_345, sha256="b" * 64,
+                           plan_bytes=1_100_000, attempts=1))  # fmt: skip
+        s.add(ReleaseDelta(**common, payload="app", from_sha256="c" * 64, from_size=4096,
+                           status=DeltaStatus.FAILED, error="the pack <rootfs.pack> is missing",
+                           attempts=2))  # fmt: skip
+    page = released.browser("viewer@acme.example").get("/releases").text
+    assert page.count('data-delta="ready"') == 1 and page.count('data-delta="failed"') == 1
+    assert "from 1.0.0 (rootfs):" in page and "<strong>12.1 KiB</strong> instead of 1.0 MiB" in page
+    assert "failed (2 attempts)" in page
+    # The error is the hub's one line, escaped.
+    assert "the pack &lt;rootfs.pack&gt; is missing" in page and "<rootfs.pack>" not in page
+    # The first release has none.
+    assert page.count('<span class="muted">none</span>') == 1

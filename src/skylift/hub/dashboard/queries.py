@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from skylift.bundle import BundleError, read_head
 from skylift.chunks import ChunkError, PageChainVerifier
 from skylift.chunks.index import PAGE_HEADER_SIZE, parse_page_header
-from skylift.hub import bandwidth
+from skylift.hub import bandwidth, deltas
 from skylift.hub.api.common import DELETED_TAG, encode_cursor
 from skylift.hub.content import MAX_INDEX_BYTES, version_segment
 from skylift.hub.db.models import (
@@ -674,6 +674,8 @@ class ReleaseInfo:
     previous: str | None = None
     delta_download: int | None = None  # bytes a device on `previous` fetches
     bandwidth: dict[str, Any] | None = None  # what the fleet reported (skylift.hub.bandwidth)
+    #: The per-pair deltas the hub made (or tried to) for it (skylift.hub.deltas).
+    deltas: list[deltas.DeltaSummary] = field(default_factory=list)
 
     @property
     def delta_saved(self) -> int | None:
@@ -796,6 +798,7 @@ def release_infos(
         rows.reverse()
         contents = cache.compute(store, name, [r.version for r in rows])
         fleet = bandwidth.by_release(session, [r.id for r in rows])
+        made = deltas.release_deltas(session, [r.id for r in rows])
         infos = []
         for i, r in enumerate(rows):
             info, delta = contents[r.version]
@@ -815,6 +818,7 @@ def release_infos(
                     previous=rows[i - 1].version if i else None,
                     delta_download=delta if i else None,
                     bandwidth=fleet[r.id],
+                    deltas=made[r.id],
                 )
             )
         infos.reverse()
