@@ -111,7 +111,29 @@ class ReleaseContent:
         Raises:
             ContentError: unknown codec, oversized, or it does not decode to ``digest``.
         """
-        key = chunk_key(digest)
+        self._check_chunk(digest, codec, stored)
+        self._store.put(chunk_key(digest), bytes([codec]) + stored)
+
+    def put_chunks(self, chunks: Sequence[tuple[str, int, bytes]]) -> int:
+        """Store the ``(digest, codec, stored)`` chunks the hub lacks, once each; how many.
+
+        Every chunk is checked first (as :meth:`put_chunk` checks one): if one
+        is refused, none is stored.
+
+        Raises:
+            ContentError: a chunk has an unknown codec, is oversized, or does
+                not decode to its digest.
+        """
+        for digest, codec, stored in chunks:
+            self._check_chunk(digest, codec, stored)
+        first = {digest: (codec, stored) for digest, codec, stored in reversed(chunks)}
+        lacking = self.missing(first)
+        for digest in lacking:
+            codec, stored = first[digest]
+            self._store.put(chunk_key(digest), bytes([codec]) + stored)
+        return len(lacking)
+
+    def _check_chunk(self, digest: str, codec: int, stored: bytes) -> None:
         if codec not in (CODEC_NONE, CODEC_ZSTD):
             raise ContentError(f"chunk {digest[:16]}…: unknown codec {codec}")
         if len(stored) + 1 > _MAX_CHUNK_OBJECT:
@@ -122,7 +144,6 @@ class ReleaseContent:
             decode_chunk(entry, stored, self._decompressor)
         except ChunkError as e:
             raise ContentError(f"chunk {digest[:16]}…: {e.message}") from e
-        self._store.put(key, bytes([codec]) + stored)
 
     def read_chunk(self, digest: str) -> tuple[int, bytes]:
         """(codec, stored bytes) of a stored chunk."""

@@ -256,6 +256,13 @@ SCHEMAS: dict[str, Schema] = {
         {"digests": _list({"type": "string", "pattern": _HEX64}, maxItems=100_000)}
     ),
     "ChunksMissing": _obj({"missing": _list({"type": "string", "pattern": _HEX64})}, closed=False),
+    "ChunksStored": _obj(
+        {
+            "stored": {"type": "integer", "minimum": 0},
+            "present": {"type": "integer", "minimum": 0},
+        },
+        description="Chunks of the batch stored now, and those the hub had already",
+    ),
     "ReleaseCreate": _obj(
         {
             "targets": ref("TufMetadata"),
@@ -539,6 +546,12 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("POST", "/chunks/missing", "operator", "Which of these chunks the hub lacks",
               "releases", body=ref("ChunksMissingRequest"), body_limit=8 * 1024 * 1024,
               answer=ref("ChunksMissing")),
+    Operation("POST", "/chunks", "operator",
+              "Upload a batch of chunks, as stored (digest, codec, length, bytes each)",
+              "releases",
+              body={"type": "string", "contentMediaType": "application/octet-stream"},
+              body_media="application/octet-stream", body_limit=16 * 1024 * 1024,
+              answer=ref("ChunksStored")),
     Operation("PUT", "/chunks/{digest}", "operator", "Upload one chunk, as stored", "releases",
               params=(Param("digest", "path", {"type": "string", "pattern": _HEX64}),
                       Param("X-Skylift-Codec", "header", {"enum": ["0", "1"]}, required=True,

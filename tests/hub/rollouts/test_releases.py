@@ -222,3 +222,67 @@ def test_missing_answers_each_digest_once(hub: Hub) -> None:
     with hub.session() as s:
         assert s.scalar(sa.select(sa.func.count()).select_from(AuditEntry)) == 0
         assert s.scalar(sa.select(sa.func.count()).select_from(Release)) == 0
+
+
+def _record(digest: str, codec: int, stored: bytes) -> bytes:
+    """One record of a POST /chunks batch, as `skylift release push` writes it."""
+    return digest.encode() + bytes([codec]) + len(stored).to_bytes(4, "big") + stored
+
+
+OTHER = b"other chunk " * 300
+OTHER_DIGEST = hashlib.sha256(OTHER).hexdigest()
+
+
+def test_chunks_go_up_in_batches(hub: Hub) -> None:
+    compressed = zstandard.ZstdCompressor().compress(CHUNK)
+    body = _record(CHUNK_DIGEST, 1, compressed) + _record(OTHER_DIGEST, 0, OTHER)
+    body += _record(OTHER_DIGEST, 0, OTHER)  # twice in one batch: stored once
+    headers = {"Content-Type": "application/octet-stream"}
+    r = hub.call("POST", "/chunks", content=body, headers=headers)
+    assert (r.status_code, r.json()) == (200, {"stored": 2, "present": 0}), r.text
+    digests = {"digests": [CHUNK_DIGEST, OTHER_DIGEST]}
+    assert hub.post("/chunks/missing", json=digests).json() == {"missing": []}
+    assert hub.ctx.content.read_chunk(CHUNK_DIGEST) == (1, compressed)
+    r = hub.call("POST", "/chunks", content=body, headers=headers)
+    assert (r.status_code, r.json()) == (200, {"stored": 0, "present": 2})
+    # Who may: operators, like every upload.
+    assert (
+        hub.call("POST", "/chunks", content=body, headers=headers, who="viewer").status_code == 403
+    )
+    assert hub.call("POST", "/chunks", content=body, headers=headers, who="").status_code == 401
+
+
+GOOD = _record(OTHER_DIGEST, 0, OTHER)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        pytest.param(b"", 400, "holds no chunk", id="empty"),
+        pytest.param(GOOD + b"abc", 400, "chunk record 1: the batch ends inside its header",
+                     id="truncated-head"),
+        pytest.param(GOOD[:-1], 400, "chunk record 0: 3600 bytes is more than", id="truncated"),
+        pytest.param(_record("A" * 64, 0, CHUNK), 400, "not a chunk digest", id="digest"),
+        pytest.param(_record(CHUNK_DIGEST, 7, CHUNK), 400, "the codec is 0 (raw) or 1 (zstd)",
+                     id="codec"),
+        pytest.param(GOOD + _record(CHUNK_DIGEST, 0, CHUNK + b"x"), 400, "digest mismatch",
+                     id="one-wrong"),
+        pytest.param(GOOD + _record(CHUNK_DIGEST, 1, CHUNK), 400, "zstd", id="not-zstd"),
+        pytest.param(_record(CHUNK_DIGEST, 0, b"") * 4097, 400, "at most 4096 chunks",
+                     id="too-many"),
+        pytest.param(GOOD * 4700, 413, "limit", id="too-large"),
+    ],
+)  # fmt: skip
+def test_bad_batches_are_refused_and_store_nothing(
+    module_hub: Hub, body: bytes, status: int, message: str
+) -> None:
+    hub = module_hub
+    r = hub.call("POST", "/chunks", content=body,
+                 headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"] and "\n" not in r.json()["error"]
+    # Not even the good chunk before the bad one.
+    missing = hub.post("/chunks/missing", json={"digests": [CHUNK_DIGEST, OTHER_DIGEST]})
+    assert missing.json() == {"missing": sorted([CHUNK_DIGEST, OTHER_DIGEST])}
+    r = hub.call("POST", "/chunks", content=GOOD, headers={"Content-Type": "text/plain"})
+    assert r.status_code == 400 and "octet-stream" in r.json()["error"]

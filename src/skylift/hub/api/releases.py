@@ -3,11 +3,12 @@
 What ``skylift release push`` does, and what the hub checks:
 
 1. ``POST /chunks/missing``: which of the bundle's chunks the hub lacks.
-2. ``PUT /chunks/{digest}`` for each of them: the chunk as stored (codec
-   byte in a header), checked by decoding it to its digest before it is
-   kept. Chunks are content-addressed and shared by every release of every
-   product, so an upload is not audited: it changes nothing anyone can see
-   until a release names it.
+2. ``POST /chunks`` with batches of them (:func:`parse_chunk_batch`; or
+   ``PUT /chunks/{digest}`` one at a time): each chunk as stored with its
+   codec, checked by decoding it to its digest before it is kept (a batch
+   with one bad chunk stores none). Chunks are content-addressed and shared
+   by every release of every product, so an upload is not audited: it
+   changes nothing anyone can see until a release names it.
 3. ``POST /products/{name}/releases``: the next targets metadata, signed
    offline by the release keys, with the bundle head and its index pages.
    Checked in full before anything is written: the head's manifest is
@@ -31,6 +32,7 @@ import hashlib
 import io
 import json
 import re
+import struct
 from typing import Any
 
 from sqlalchemy import select
@@ -60,11 +62,14 @@ from skylift.hub.web import Conflict, HubContext, NotFound
 from skylift.trust.repository import MAX_METADATA_BYTES
 
 __all__ = [
+    "MAX_BATCH_BODY_BYTES",
+    "MAX_BATCH_CHUNKS",
     "MAX_CHUNK_BODY_BYTES",
     "MAX_MISSING_DIGESTS",
     "MAX_MISSING_REQUEST_BYTES",
     "MAX_RELEASE_REQUEST_BYTES",
     "delta_json",
+    "parse_chunk_batch",
     "release_json",
     "routes",
 ]
@@ -75,11 +80,57 @@ MAX_MISSING_DIGESTS = 100_000
 MAX_MISSING_REQUEST_BYTES = 8 * 1024 * 1024
 #: A chunk as stored: at most 4 MiB of content, plus what compression may add.
 MAX_CHUNK_BODY_BYTES = 4 * 1024 * 1024 + 1024
+#: A batch of chunks (POST /chunks) is at most this long ...
+MAX_BATCH_BODY_BYTES = 16 * 1024 * 1024
+#: ... and holds at most this many chunks.
+MAX_BATCH_CHUNKS = 4096
+#: A batch record's head: 64 lowercase hex digits of the digest, the codec, the length.
+_BATCH_RECORD = struct.Struct(">64sBI")
 #: Targets, head and index pages, base64-encoded.
 MAX_RELEASE_REQUEST_BYTES = 64 * 1024 * 1024
 _MAX_PAYLOADS = 16
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _CODECS = {"0": 0, "1": 1}
+
+
+def parse_chunk_batch(body: bytes) -> list[tuple[str, int, bytes]]:
+    """The ``(digest, codec, stored)`` chunks of a ``POST /chunks`` body, bounded.
+
+    The body is records one after another: the chunk's SHA-256 as 64
+    lowercase hex digits (ASCII), its codec (one byte: 0 raw, 1 zstd), the
+    length of its stored bytes (4 bytes, big-endian), then those bytes.
+
+    Raises:
+        UserInputError: empty, truncated, more than :data:`MAX_BATCH_CHUNKS`
+            records, a malformed digest or codec, a chunk over
+            :data:`MAX_CHUNK_BODY_BYTES`.
+    """
+    chunks: list[tuple[str, int, bytes]] = []
+    pos = 0
+    while pos < len(body):
+        where = f"chunk record {len(chunks)}"
+        if len(chunks) == MAX_BATCH_CHUNKS:
+            raise UserInputError(f"a batch holds at most {MAX_BATCH_CHUNKS} chunks")
+        if pos + _BATCH_RECORD.size > len(body):
+            raise UserInputError(f"{where}: the batch ends inside its header")
+        raw, codec, length = _BATCH_RECORD.unpack_from(body, pos)
+        pos += _BATCH_RECORD.size
+        digest = raw.decode("ascii", "replace")
+        if not _DIGEST.fullmatch(digest):
+            raise UserInputError(
+                f"{where}: {digest[:80]!r} is not a chunk digest (64 lowercase hex)"
+            )
+        if codec not in _CODECS.values():
+            raise UserInputError(f"{where}: the codec is 0 (raw) or 1 (zstd), not {codec}")
+        if length > MAX_CHUNK_BODY_BYTES or pos + length > len(body):
+            raise UserInputError(
+                f"{where}: {length} bytes is more than a chunk or the rest of the batch holds"
+            )
+        chunks.append((digest, codec, body[pos : pos + length]))
+        pos += length
+    if not chunks:
+        raise UserInputError("the batch holds no chunk")
+    return chunks
 
 
 def delta_json(delta: deltas.DeltaSummary) -> dict[str, Any]:
@@ -304,6 +355,15 @@ def routes(ctx: HubContext) -> list[BaseRoute]:
         await web.run(ctx.content.put_chunk, digest, codec, stored)
         return Response(status_code=201)
 
+    async def put_chunks(request: Request) -> Response:
+        await authorize(ctx, request, Role.OPERATOR, "uploading chunks")
+        media = request.headers.get("content-type", "application/octet-stream")
+        if media.split(";")[0].strip() != "application/octet-stream":
+            raise UserInputError("send the chunks as Content-Type: application/octet-stream")
+        chunks = parse_chunk_batch(await web.read_body(request, MAX_BATCH_BODY_BYTES))
+        stored = await web.run(ctx.content.put_chunks, chunks)
+        return JSONResponse({"stored": stored, "present": len({c[0] for c in chunks}) - stored})
+
     async def create_release(request: Request) -> Response:
         who = await authorize(ctx, request, Role.OPERATOR, "publishing a release")
         doc = await web.read_json(request, MAX_RELEASE_REQUEST_BYTES)
@@ -377,6 +437,7 @@ def routes(ctx: HubContext) -> list[BaseRoute]:
 
     return [
         route("/chunks/missing", missing, "POST"),
+        route("/chunks", put_chunks, "POST"),
         route("/chunks/{digest}", put_chunk, "PUT"),
         route("/products/{name}/releases", create_release, "POST"),
         route("/products/{name}/releases", list_releases, "GET"),
