@@ -22,6 +22,7 @@ from skylift.chunks.delta import (
     DeltaError,
     DeltaHeader,
     DeltaOp,
+    build_delta,
     compress_literal,
     cut_chunks,
     decode_literal,
@@ -32,6 +33,7 @@ from skylift.chunks.delta import (
     parse_ops,
     plan_ops,
     read_delta,
+    rebuild,
     replay,
 )
 
@@ -283,3 +285,38 @@ def test_replay_refuses_a_truncated_delta_or_a_short_old_payload() -> None:
         read_delta(io.BytesIO(delta[:20]).read)
     with pytest.raises(DeltaError, match="ends in its operations"):
         read_delta(io.BytesIO(delta[: HEADER_SIZE + 3]).read)
+
+
+def test_rebuild_checks_the_payloads_the_trailer_and_the_result() -> None:
+    old_sha, new_sha = hashlib.sha256(OLD).hexdigest(), hashlib.sha256(NEW).hexdigest()
+    delta = _build(OLD, NEW, FIXED)
+
+    def run(data: bytes, **expect: object) -> bytes:
+        want = {"from_sha256": old_sha, "from_size": len(OLD), "to_sha256": new_sha,
+                "to_size": len(NEW)} | expect  # fmt: skip
+        stream = io.BytesIO(data)
+        return b"".join(
+            d
+            for _, d in rebuild(stream.read, lambda o, n: OLD[o : o + n], **want)  # type: ignore[arg-type]
+        )
+
+    assert run(delta) == NEW
+    with pytest.raises(DeltaError, match="starts from another payload"):
+        run(delta, from_sha256="0" * 64)
+    with pytest.raises(DeltaError, match="makes another payload"):
+        run(delta, to_size=len(NEW) + 1)
+    with pytest.raises(DeltaError, match="bytes after its last literal"):
+        run(delta + b"x")
+    # A header that names the new payload over bytes that are not it.
+    other = bytearray(NEW)
+    other[10_050] ^= 0xFF  # inside an edited block: a literal
+    frames: list[bytes] = []
+    cut = list(cut_chunks(io.BytesIO(OLD), FIXED))
+    header, ops = build_delta(
+        old_chunks=cut, new_chunks=cut_chunks(io.BytesIO(bytes(other)), FIXED),
+        old_size=len(OLD), new_size=len(NEW), from_sha256=bytes.fromhex(old_sha),
+        to_sha256=bytes.fromhex(new_sha), read_old=lambda o, n: OLD[o : o + n],
+        read_new=lambda o, n: bytes(other[o : o + n]), write_frame=frames.append,
+    )  # fmt: skip
+    with pytest.raises(DeltaError, match="not the new payload"):
+        run(header + ops + b"".join(frames))

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 
 from skylift.agent.ports import DeltaOffer
 from skylift.agent.slots import SlotDevice
-from skylift.chunks.delta import HEADER_SIZE, DeltaError, read_delta, replay
+from skylift.chunks.delta import HEADER_SIZE, DeltaError, rebuild
 
 __all__ = ["apply_delta", "parse_deltas", "slot_holds"]
 
@@ -126,21 +126,18 @@ def apply_delta(
             rebuild the payload (the slot read back differs, say).
         OSError, SlotError: reading ``old`` or writing ``new`` failed.
     """
-    header, ops = read_delta(delta.read)
-    if header.from_sha256.hex() != offer.from_sha256 or header.from_size != offer.from_size:
-        raise DeltaError("the delta starts from another payload than the director says")
-    if header.to_sha256.hex() != payload_sha256 or header.to_size != payload_size:
-        raise DeltaError("the delta makes another payload than the manifest signs")
-    written = hashlib.sha256()
-    for position, data in replay(ops, delta.read, old.read_range):
+    pieces = rebuild(
+        delta.read,
+        old.read_range,
+        from_sha256=offer.from_sha256,
+        from_size=offer.from_size,
+        to_sha256=payload_sha256,
+        to_size=payload_size,
+    )
+    for position, data in pieces:
         new.write_at(position, data)
-        written.update(data)
         if on_progress is not None:
             on_progress(position + len(data))
-    if delta.read(1):
-        raise DeltaError("the delta has bytes after its last literal")
-    if written.hexdigest() != payload_sha256:
-        raise DeltaError("what the delta made is not the payload the manifest signs")
     new.sync()
     if not slot_holds(new, payload_size, payload_sha256):
         raise DeltaError("the slot read back differs from what was written")

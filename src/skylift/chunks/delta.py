@@ -74,6 +74,7 @@ __all__ = [
     "parse_ops",
     "plan_ops",
     "read_delta",
+    "rebuild",
     "replay",
 ]
 
@@ -362,6 +363,44 @@ def replay(
                 dictionary += recent[len(recent) - op.recent_length :]
             yield position, made(decode_literal(op, frame, dictionary))
         position += op.length
+
+
+def rebuild(
+    read: Callable[[int], bytes],
+    read_old: Callable[[int, int], bytes],
+    *,
+    from_sha256: str,
+    from_size: int,
+    to_sha256: str,
+    to_size: int,
+) -> Iterator[tuple[int, bytes]]:
+    """A whole delta applied and checked: the new payload as ``(offset, bytes)`` pieces.
+
+    What a device and the hub's check both do. ``read(n)`` reads the delta
+    from its start, ``read_old(offset, length)`` the old payload. The header
+    must join exactly the payloads given (SHA-256 as hex, sizes); the pieces
+    are hashed as they go, and after the last one nothing may follow in the
+    delta and the hash must be ``to_sha256``. The last checks raise after
+    the last piece: what was written from the pieces is good only once the
+    iteration ends without an error.
+
+    Raises:
+        DeltaError: malformed, truncated, other payloads, trailing bytes, or
+            it does not make the new payload.
+    """
+    header, ops = read_delta(read)
+    if header.from_sha256.hex() != from_sha256 or header.from_size != from_size:
+        raise DeltaError("the delta starts from another payload than the one it is applied to")
+    if header.to_sha256.hex() != to_sha256 or header.to_size != to_size:
+        raise DeltaError("the delta makes another payload than the one expected")
+    digest = hashlib.sha256()
+    for offset, data in replay(ops, read, read_old):
+        digest.update(data)
+        yield offset, data
+    if read(1):
+        raise DeltaError("the delta has bytes after its last literal")
+    if digest.hexdigest() != to_sha256:
+        raise DeltaError("what the delta made is not the new payload")
 
 
 def _exactly(read: Callable[[int], bytes], n: int, what: str) -> bytes:

@@ -73,8 +73,7 @@ from skylift.chunks.delta import (
     build_delta,
     cut_chunks,
     pair_chunking,
-    read_delta,
-    replay,
+    rebuild,
 )
 from skylift.errors import SkyliftError
 from skylift.hub import web
@@ -545,21 +544,16 @@ def _check(delta: Path, old: Path, old_payload: PayloadEntry, new_payload: Paylo
         DeltaError: it does not parse, names other payloads, or rebuilds other bytes.
     """
     with open(delta, "rb") as d, open(old, "rb") as o:
-        header, ops = read_delta(d.read)
-        if (
-            header.from_sha256.hex() != old_payload.sha256
-            or header.to_sha256.hex() != new_payload.sha256
-            or header.from_size != old_payload.size
-            or header.to_size != new_payload.size
-        ):
-            raise DeltaError("the delta's header names other payloads")
-        digest = hashlib.sha256()
-        for _, data in replay(ops, d.read, lambda offset, n: _pread(o, offset, n)):
-            digest.update(data)
-        if d.read(1):
-            raise DeltaError("the delta has bytes after its last literal")
-    if digest.hexdigest() != new_payload.sha256:
-        raise DeltaError("the delta does not rebuild the new payload")
+        pieces = rebuild(
+            d.read,
+            lambda offset, n: _pread(o, offset, n),
+            from_sha256=old_payload.sha256,
+            from_size=old_payload.size,
+            to_sha256=new_payload.sha256,
+            to_size=new_payload.size,
+        )
+        for _ in pieces:
+            pass
 
 
 def _make(ctx: HubContext, job: _Job) -> _Result:
