@@ -165,6 +165,49 @@ def test_sqlite_engine_settings(tmp_path: Path) -> None:
         engine.dispose()
 
 
+def test_connections_opened_together_on_a_new_sqlite_file_all_succeed(tmp_path: Path) -> None:
+    """Each first connection switches the file to WAL; SQLite refuses one of two switches at once.
+
+    The refusal comes without the busy timeout's wait (waiting could
+    deadlock), so without a retry about one round in thirty fails here.
+    """
+    rounds, width = 150, 6
+    failures: list[str] = []
+
+    def connect(url: str, barrier: threading.Barrier) -> None:
+        engine = make_engine(url)
+        try:
+            barrier.wait(timeout=10)
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        except BaseException as e:  # reported below, in the test's thread
+            failures.append(f"{type(e).__name__}: {e}".splitlines()[0])
+        finally:
+            engine.dispose()
+
+    for n in range(rounds):
+        url = f"sqlite:///{tmp_path / f'{n}.db'}"
+        barrier = threading.Barrier(width)
+        threads = [threading.Thread(target=connect, args=(url, barrier)) for _ in range(width)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+        assert not any(t.is_alive() for t in threads)
+    assert failures == []
+
+
+def test_an_sqlite_file_that_is_not_a_database_fails_at_once(tmp_path: Path) -> None:
+    """Only "locked" is tried again; any other error surfaces on the first try."""
+    path = tmp_path / "hub.db"
+    path.write_bytes(b"not a database, " * 512)
+    started = time.monotonic()
+    with pytest.raises(DatabaseError, match="file is not a database") as raised:
+        current_revision(f"sqlite:///{path}")
+    assert time.monotonic() - started < 2
+    assert "\n" not in raised.value.diagnostics()
+
+
 def test_sqlite_ddl_is_transactional(tmp_path: Path) -> None:
     """What lets a failed migration leave nothing behind on SQLite too (pysqlite alone does not)."""
     engine = make_engine(f"sqlite:///{tmp_path / 'hub.db'}")

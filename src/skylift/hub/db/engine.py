@@ -12,6 +12,8 @@ the password.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +65,9 @@ _MIGRATION_LOCK_KEY = 0x736B796C696674
 #: reads and then writes fails at once with "database is locked" when another
 #: writer came in between: SQLite cannot wait for that upgrade.
 SQLITE_BEGIN_IMMEDIATE = "skylift_sqlite_begin_immediate"
+
+# Pause between tries of a WAL switch that another connection's switch refused.
+_WAL_SWITCH_RETRY_S = 0.01
 
 _POSTGRES_DRIVERS = {"postgresql", "postgres", "postgresql+psycopg"}
 _SQLITE_DRIVERS = {"sqlite", "sqlite+pysqlite"}
@@ -165,9 +170,7 @@ def _sqlite_engine(u: URL, *, echo: bool) -> Engine:
             # The timeout first: switching to WAL needs the database to itself.
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS:d}")
             cursor.execute("PRAGMA foreign_keys=ON")
-            # WAL is stored in the file: switch once, not on every connection.
-            if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                cursor.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(cursor)
         finally:
             cursor.close()
 
@@ -180,6 +183,29 @@ def _sqlite_engine(u: URL, *, echo: bool) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """Put the database in WAL mode, waiting up to the busy timeout for it.
+
+    WAL is stored in the file, so only the first connection to a new file
+    switches. Connections opened together on a new file (hub processes
+    started at once) can each start the switch: SQLite then answers one of
+    them "database is locked" at once, without calling the busy handler,
+    because waiting could deadlock. That one tries again, and on its next
+    try finds the file in WAL mode.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            # WAL is stored in the file: switch once, not on every connection.
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if e.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+        time.sleep(_WAL_SWITCH_RETRY_S)
 
 
 def _postgres_engine(u: URL, *, pool_size: int, echo: bool) -> Engine:
