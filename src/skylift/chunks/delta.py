@@ -59,6 +59,7 @@ __all__ = [
     "LITERAL",
     "MAX_DICT_BYTES",
     "MAX_LITERAL_BYTES",
+    "MAX_PAYLOAD_BYTES",
     "MAX_RECENT_BYTES",
     "DeltaError",
     "DeltaHeader",
@@ -74,6 +75,7 @@ __all__ = [
     "parse_ops",
     "plan_ops",
     "read_delta",
+    "read_exactly",
     "rebuild",
     "replay",
 ]
@@ -110,7 +112,7 @@ _OP = struct.Struct(">BQqIII")
 HEADER_SIZE = _HEADER.size
 OP_SIZE = _OP.size
 #: Payloads are at most this large (as the manifest allows).
-_MAX_PAYLOAD_BYTES = 1 << 44
+MAX_PAYLOAD_BYTES = 1 << 44
 
 
 class DeltaError(ChunkError):
@@ -171,7 +173,7 @@ def parse_header(data: bytes, *, max_ops_bytes: int = 64 * 1024 * 1024) -> Delta
     magic, old, new, from_size, to_size, count, ops_length = _HEADER.unpack(data)
     if magic != DELTA_MAGIC:
         raise DeltaError("not a Skylift delta (bad magic)")
-    if not 0 < from_size <= _MAX_PAYLOAD_BYTES or not 0 < to_size <= _MAX_PAYLOAD_BYTES:
+    if not 0 < from_size <= MAX_PAYLOAD_BYTES or not 0 < to_size <= MAX_PAYLOAD_BYTES:
         raise DeltaError("a delta joins payloads of impossible sizes")
     if count < 1 or count * OP_SIZE > max_ops_bytes or count > to_size:
         raise DeltaError(f"a delta of {count} operations is out of range")
@@ -311,8 +313,8 @@ def read_delta(read: Callable[[int], bytes]) -> tuple[DeltaHeader, list[DeltaOp]
     Raises:
         DeltaError: truncated or malformed (see :func:`parse_header`, :func:`parse_ops`).
     """
-    header = parse_header(_exactly(read, HEADER_SIZE, "header"))
-    return header, parse_ops(header, _exactly(read, header.ops_length, "operations"))
+    header = parse_header(read_exactly(read, HEADER_SIZE, "header"))
+    return header, parse_ops(header, read_exactly(read, header.ops_length, "operations"))
 
 
 def replay(
@@ -355,7 +357,7 @@ def replay(
                     raise DeltaError("the old payload ends before the delta's copy")
                 yield position + start, made(data)
         else:
-            frame = _exactly(read, op.frame_length, "literal")
+            frame = read_exactly(read, op.frame_length, "literal")
             if op.recent_length > len(recent):
                 raise DeltaError("a literal of the delta takes new bytes not yet made")
             dictionary = read_old(op.source, op.dict_length) if op.dict_length else b""
@@ -369,41 +371,49 @@ def rebuild(
     read: Callable[[int], bytes],
     read_old: Callable[[int, int], bytes],
     *,
-    from_sha256: str,
+    from_sha256: str | None,
     from_size: int,
-    to_sha256: str,
+    to_sha256: str | None,
     to_size: int,
 ) -> Iterator[tuple[int, bytes]]:
     """A whole delta applied and checked: the new payload as ``(offset, bytes)`` pieces.
 
-    What a device and the hub's check both do. ``read(n)`` reads the delta
-    from its start, ``read_old(offset, length)`` the old payload. The header
-    must join exactly the payloads given (SHA-256 as hex, sizes); the pieces
-    are hashed as they go, and after the last one nothing may follow in the
-    delta and the hash must be ``to_sha256``. The last checks raise after
-    the last piece: what was written from the pieces is good only once the
-    iteration ends without an error.
+    What a device and the hub's check both do (through
+    :func:`skylift.chunks.zstreams.rebuild`, which also takes zlib deltas).
+    ``read(n)`` reads the delta from its start, ``read_old(offset, length)``
+    the old payload. The header must join exactly the payloads given (SHA-256
+    as hex, sizes); the pieces are hashed as they go, and after the last one
+    nothing may follow in the delta and the hash must be ``to_sha256``. The
+    last checks raise after the last piece: what was written from the pieces
+    is good only once the iteration ends without an error.
+
+    A zlib delta's inner delta joins inflated forms, whose hashes nobody
+    signs: there ``from_sha256`` is None (not compared; the old payload was)
+    and ``to_sha256`` None (the header's own must come out, which tells a
+    corrupt delta from a device that deflates otherwise).
 
     Raises:
         DeltaError: malformed, truncated, other payloads, trailing bytes, or
             it does not make the new payload.
     """
     header, ops = read_delta(read)
-    if header.from_sha256.hex() != from_sha256 or header.from_size != from_size:
+    if from_sha256 not in (None, header.from_sha256.hex()) or header.from_size != from_size:
         raise DeltaError("the delta starts from another payload than the one it is applied to")
-    if header.to_sha256.hex() != to_sha256 or header.to_size != to_size:
+    if to_sha256 not in (None, header.to_sha256.hex()) or header.to_size != to_size:
         raise DeltaError("the delta makes another payload than the one expected")
+    expected = header.to_sha256.hex()
     digest = hashlib.sha256()
     for offset, data in replay(ops, read, read_old):
         digest.update(data)
         yield offset, data
     if read(1):
         raise DeltaError("the delta has bytes after its last literal")
-    if digest.hexdigest() != to_sha256:
+    if digest.hexdigest() != expected:
         raise DeltaError("what the delta made is not the new payload")
 
 
-def _exactly(read: Callable[[int], bytes], n: int, what: str) -> bytes:
+def read_exactly(read: Callable[[int], bytes], n: int, what: str) -> bytes:
+    """``n`` bytes from ``read``; the delta ends early otherwise (``what``: in which part)."""
     data = read(n)
     if len(data) != n:
         raise DeltaError(f"the delta ends in its {what}")
