@@ -77,8 +77,8 @@ from skylift.agent.plan import (
     Source,
 )
 from skylift.chunks import ChunkingParams
-from skylift.chunks.delta import build_delta, cut_chunks, pair_chunking
 from skylift.cli.delta import plan_delta
+from skylift.deltamaker import make_delta
 from skylift.errors import SkyliftError
 
 _BENCH = Path(__file__).resolve().parent
@@ -293,8 +293,8 @@ class DeltaBench:
                             _PAIR_DELTA,
                             int(pair["bytes"]),
                             1,
-                            f"from exactly {case.old.name}, the delta a hub offers (skylift."
-                            f"chunks.delta; literals against the old bytes); made in "
+                            f"from exactly {case.old.name}, the delta a hub offers "
+                            f"({_delta_kind(pair)}); made in "
                             f"{pair['seconds']:.1f} s with the plan; the hub offers it: "
                             f"{'yes' if doc['method'] == 'delta' else 'no (chunks smaller)'}",
                         )
@@ -640,34 +640,21 @@ def _write_pack(bundle: Path, key: Path, pack: Path, index: Path) -> None:
                 pages.write(event.page)
 
 
+def _delta_kind(pair: dict[str, Any]) -> str:
+    if pair.get("kind") == "zlib":
+        return (
+            f"skylift.chunks.zstreams: through {pair['zlib_streams']} zlib streams inflated, "
+            f"{pair['deflated_streams']} deflated on the device"
+        )
+    return "skylift.chunks.delta; literals against the old bytes"
+
+
 def _write_delta(old: Path, new: Path, params: ChunkingParams, dest: Path) -> int:
     """The per-pair delta from ``old`` to ``new`` into ``dest``, as the hub makes it."""
-    spool = dest.with_suffix(".frames")
-    try:
-        with open(old, "rb") as o, open(new, "rb") as n, open(spool, "wb") as frames:
-            old_sha = hashlib.file_digest(o, "sha256")
-            new_sha = hashlib.file_digest(n, "sha256")
-            o.seek(0)
-            n.seek(0)
-            old_chunks = list(cut_chunks(o, pair_chunking(params)))
-            n.seek(0)
-            header, ops = build_delta(
-                old_chunks=old_chunks,
-                new_chunks=cut_chunks(n, pair_chunking(params)),
-                old_size=old.stat().st_size,
-                new_size=new.stat().st_size,
-                from_sha256=old_sha.digest(),
-                to_sha256=new_sha.digest(),
-                read_old=lambda off, k: os.pread(o.fileno(), k, off),
-                read_new=lambda off, k: os.pread(n.fileno(), k, off),
-                write_frame=frames.write,
-            )
-        with open(dest, "wb") as out, open(spool, "rb") as frames_in:
-            out.write(header + ops)
-            shutil.copyfileobj(frames_in, out, 1 << 20)
-        return dest.stat().st_size
-    finally:
-        spool.unlink(missing_ok=True)
+    with open(old, "rb") as o, open(new, "rb") as n:
+        old_sha = hashlib.file_digest(o, "sha256").hexdigest()
+        new_sha = hashlib.file_digest(n, "sha256").hexdigest()
+    return make_delta(old, new, params, dest, old_sha256=old_sha, new_sha256=new_sha).length
 
 
 # -- corpus, tools, report ------------------------------------------------------------------

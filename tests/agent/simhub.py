@@ -35,6 +35,7 @@ from typing import Any
 
 from securesystemslib.signer import CryptoSigner
 
+from skylift import deltamaker
 from skylift.agent.errors import ReportTransportError
 from skylift.agent.machine import FINAL_STATES
 from skylift.agent.plan import ByteRange
@@ -58,7 +59,6 @@ from skylift.bundle import (
     write_bundle,
 )
 from skylift.chunks import ChunkingParams
-from skylift.chunks.delta import build_delta, cut_chunks, pair_chunking
 
 __all__ = [
     "PARAMS",
@@ -113,24 +113,20 @@ def build_bundle(
 
 
 def make_delta(old: bytes, new: bytes, params: ChunkingParams = PARAMS) -> bytes:
-    """A per-pair delta from ``old`` to ``new``, as the hub makes it (skylift.chunks.delta)."""
-
-    def cut(data: bytes) -> list[tuple[int, int, bytes]]:
-        return list(cut_chunks(io.BytesIO(data), pair_chunking(params)))
-
-    frames: list[bytes] = []
-    header, ops = build_delta(
-        old_chunks=cut(old),
-        new_chunks=cut(new),
-        old_size=len(old),
-        new_size=len(new),
-        from_sha256=hashlib.sha256(old).digest(),
-        to_sha256=hashlib.sha256(new).digest(),
-        read_old=lambda o, n: old[o : o + n],
-        read_new=lambda o, n: new[o : o + n],
-        write_frame=frames.append,
-    )
-    return header + ops + b"".join(frames)
+    """A per-pair delta from ``old`` to ``new``, as the hub makes it (skylift.deltamaker)."""
+    with tempfile.TemporaryDirectory(prefix="simhub-delta-") as tmp:
+        old_path, new_path, dest = Path(tmp, "old"), Path(tmp, "new"), Path(tmp, "delta")
+        old_path.write_bytes(old)
+        new_path.write_bytes(new)
+        deltamaker.make_delta(
+            old_path,
+            new_path,
+            params,
+            dest,
+            old_sha256=hashlib.sha256(old).hexdigest(),
+            new_sha256=hashlib.sha256(new).hexdigest(),
+        )
+        return dest.read_bytes()
 
 
 def delta_offer(payload: str, from_version: str, old: bytes, delta: bytes) -> DeltaOffer:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import random
+import struct
+import zlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from agent.test_updater import V2, Device, make_device
 from skylift.agent.machine import State
 from skylift.agent.pairdelta import parse_deltas
 from skylift.bundle import TrustedKeys
+from skylift.chunks import zstreams
 from skylift.trust.keys import generate_private_key, signer_for
 
 
@@ -202,3 +205,86 @@ def test_director_deltas_are_parsed_strictly_and_malformed_ones_skipped() -> Non
     assert len(skipped) == 7
     assert parse_deltas({}) == ((), [])
     assert parse_deltas({"deltas": []}) == ((), ["the director's 'deltas' is not an object"])
+
+
+# -- payloads of zlib streams (squashfs with gzip) ------------------------------------------------
+
+
+def _blocks_image(changed: tuple[int, ...]) -> bytes:
+    """A squashfs-like payload: a raw header, then 24 blocks of text, each a zlib stream."""
+    words = [random.Random(i).randbytes(6).hex() for i in range(300)]
+    out = bytearray(b"hsqs" + bytes(92))
+    for n in range(24):
+        rng = random.Random(n)  # the same blocks in both versions ...
+        text = " ".join(rng.choice(words) for _ in range(6000)).encode()
+        if n in changed:  # ... but for a few bytes of these
+            text = text[:500] + b"patched!" + text[508:]
+        out += zlib.compress(text, 9)
+    return bytes(out)
+
+
+Z2 = _blocks_image(())
+Z3 = _blocks_image((4, 17))
+Z_DELTA = make_delta(Z2, Z3)
+
+
+@pytest.fixture(scope="module")
+def zlib_releases(signer: CryptoSigner) -> tuple[Published, Published]:
+    trusted = TrustedKeys((signer.public_key,))
+    z2 = publish(build_bundle(signer, "2.0.0", {"rootfs": Z2}), trusted)
+    z3 = publish(build_bundle(signer, "3.0.0", {"rootfs": Z3}), trusted)
+    return z2, z3
+
+
+def _on_z2_offered_z3(
+    tmp_path: Path, releases: tuple[Published, Published], delta: bytes
+) -> Device:
+    z2, z3 = releases
+    dev = make_device(tmp_path, z2, hooks={"health_check": "exit 0"})
+    updater = dev.updater()
+    assert updater.run_once().rebooting
+    assert updater.run_once().state is State.IDLE
+    dev.hub.calls.clear()
+    offer = replace(z3.offer, deltas=(delta_offer("rootfs", "2.0.0", Z2, delta),))
+    dev.hub.release = replace(z3, offer=offer)
+    dev.hub.deltas[f"rootfs.{hashlib.sha256(Z2).hexdigest()}"] = delta
+    updater = dev.updater()
+    assert updater.run_once().rebooting
+    assert dev.slot("A")[: len(Z3)] == Z3
+    assert updater.run_once().state is State.IDLE
+    return dev
+
+
+def test_a_payload_of_zlib_streams_comes_as_a_zlib_delta(
+    tmp_path: Path, zlib_releases: tuple[Published, Published]
+) -> None:
+    assert Z_DELTA[:4] == b"SKZ1"
+    dev = _on_z2_offered_z3(tmp_path, zlib_releases, Z_DELTA)
+    assert "delta" in dev.hub.calls and "ranges" not in dev.hub.calls
+    assert dev.hub.delta_bytes_served == len(Z_DELTA)
+    # Two blocks changed by 8 bytes each: the delta carries those bytes and the tables,
+    # where a plain delta would carry both changed blocks whole (about 29 KB).
+    assert len(Z_DELTA) < 4000
+
+
+def test_a_device_whose_zlib_deflates_otherwise_installs_from_chunks(
+    tmp_path: Path, zlib_releases: tuple[Published, Published]
+) -> None:
+    """The delta names level 1 for a changed block where the hub's zlib used 9."""
+    header_size = zstreams.HEADER_SIZE
+    old_len, new_count, new_len = struct.unpack(">I I I", Z_DELTA[header_size - 12 : header_size])
+    new_table = Z_DELTA[header_size + old_len : header_size + old_len + new_len]
+    streams = zstreams.parse_table(new_table, new_count, len(Z3))
+    k = next(i for i, s in enumerate(streams) if s.source < 0)
+    streams[k] = replace(streams[k], level=1)
+    table = zstreams.encode_table(streams)
+    other = (
+        Z_DELTA[: header_size - 4]
+        + struct.pack(">I", len(table))
+        + Z_DELTA[header_size : header_size + old_len]
+        + table
+        + Z_DELTA[header_size + old_len + new_len :]
+    )
+    dev = _on_z2_offered_z3(tmp_path, zlib_releases, other)
+    # The delta was fetched and failed at that stream; the chunks made the payload.
+    assert "delta" in dev.hub.calls and "ranges" in dev.hub.calls

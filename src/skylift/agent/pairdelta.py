@@ -11,7 +11,9 @@ The updater uses one when its active slot holds exactly that old payload
 (same release version, then the SHA-256 of the slot's first ``from_size``
 bytes), downloads it (resumable, its length and SHA-256 as the director
 signed them), and writes the new payload into the inactive slot from it:
-copies of the active slot and literals decompressed against it. Whatever
+copies of the active slot and literals decompressed against it (through
+the inflated form of both for a zlib delta: a squashfs image compressed with
+gzip, whose changed blocks the device deflates again). Whatever
 the delta says, what is written must hash to the payload's SHA-256 from
 the signed manifest, read back from the slot. Any failure (the slot was
 modified, a corrupt delta, a mismatch) is logged and the updater installs
@@ -19,7 +21,8 @@ from chunks instead, as it would have without a delta.
 
 Memory: one literal (at most 1 MiB), its dictionary (at most 1 MiB and 64 KiB of
 the old payload and 2 MiB of the new bytes just made), those 2 MiB and a copy
-buffer.
+buffer; for a zlib delta also the last four old streams inflated and the new
+one being deflated (at most 1 MiB each), and the streams' positions.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from typing import Any, BinaryIO
 
 from skylift.agent.ports import DeltaOffer
 from skylift.agent.slots import SlotDevice
-from skylift.chunks.delta import HEADER_SIZE, DeltaError, rebuild
+from skylift.chunks.delta import HEADER_SIZE, DeltaError
+from skylift.chunks.zstreams import rebuild
 
 __all__ = ["apply_delta", "parse_deltas", "slot_holds"]
 

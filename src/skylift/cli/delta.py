@@ -49,10 +49,10 @@ from skylift.bundle import (
     read_head,
 )
 from skylift.chunks import ChunkError, IndexTotalsError, PackedEntries, PageChainVerifier
-from skylift.chunks.delta import build_delta, cut_chunks, pair_chunking
 from skylift.chunks.index import PAGE_HEADER_SIZE, compress_index, parse_page_header
 from skylift.cli.bundle import KeyOpt, RootOpt, ThresholdOpt
 from skylift.cli.common import err, human_size, out, trusted_keys
+from skylift.deltamaker import make_delta
 from skylift.errors import UserInputError
 
 __all__ = ["DeltaPlan", "app", "measure_pair_delta", "plan_delta"]
@@ -80,6 +80,10 @@ class DeltaPlan:
     #: Bytes of the per-pair delta from the seed (``--pair-delta``), and seconds to make it.
     pair_delta_bytes: int | None = None
     pair_delta_seconds: float | None = None
+    #: ``plain``, or ``zlib`` (through the payloads' inflated zlib streams), and for
+    #: ``zlib`` the streams the delta goes through and those the device deflates.
+    pair_delta_kind: str | None = None
+    pair_delta_streams: tuple[int, int] = (0, 0)
 
     @property
     def chunk_bytes(self) -> int:
@@ -120,7 +124,13 @@ class DeltaPlan:
             "method": self.method,
             "pair_delta": None
             if self.pair_delta_bytes is None
-            else {"bytes": self.pair_delta_bytes, "seconds": self.pair_delta_seconds},
+            else {
+                "bytes": self.pair_delta_bytes,
+                "seconds": self.pair_delta_seconds,
+                "kind": self.pair_delta_kind,
+                "zlib_streams": self.pair_delta_streams[0],
+                "deflated_streams": self.pair_delta_streams[1],
+            },
             "product": self.manifest.product,
             "version": self.manifest.version,
             "verified": self.verified,
@@ -323,12 +333,13 @@ def plan_delta(
 def measure_pair_delta(d: DeltaPlan, bundle: Path, seed: Path, trusted: TrustedKeys) -> DeltaPlan:
     """``d`` with the size of the per-pair delta from ``seed`` to its payload.
 
-    Made as the hub makes it (:func:`skylift.chunks.delta.build_delta`: the
+    Made as the hub makes it (:func:`skylift.deltamaker.make_delta`: the
     seed and the payload cut with :func:`~skylift.chunks.delta.pair_chunking`,
-    literals compressed against the seed and the bytes made before them):
-    the payload is first written out of the bundle to a temporary file
-    (signatures checked against ``trusted``, every chunk verified), the
-    frames are counted, not kept.
+    literals compressed against the seed and the bytes made before them,
+    through both inflated forms when zlib streams make the payload): the
+    payload is first written out of the bundle to a temporary file
+    (signatures checked against ``trusted``, every chunk verified); the
+    delta is made there, measured and removed.
 
     Raises:
         BundleError: the bundle is not signed by ``trusted`` or does not verify.
@@ -343,30 +354,22 @@ def measure_pair_delta(d: DeltaPlan, bundle: Path, seed: Path, trusted: TrustedK
             for event in read_body(f, head):
                 if isinstance(event, ChunkData) and event.payload.name == payload.name:
                     new_out.write(event.data)
-        with open(seed, "rb") as old_f, open(new_path, "rb") as new_f:
-            old_sha = hashlib.file_digest(old_f, "sha256")
-            old_f.seek(0)
-            pair = pair_chunking(payload.chunking)
-            old_chunks = list(cut_chunks(old_f, pair))
-            total = [0]
-
-            def count(frame: bytes) -> None:
-                total[0] += len(frame)
-
-            header, ops = build_delta(
-                old_chunks=old_chunks,
-                new_chunks=cut_chunks(new_f, pair),
-                old_size=d.seed_bytes,
-                new_size=payload.size,
-                from_sha256=old_sha.digest(),
-                to_sha256=bytes.fromhex(payload.sha256),
-                read_old=lambda o, n: os.pread(old_f.fileno(), n, o),
-                read_new=lambda o, n: os.pread(new_f.fileno(), n, o),
-                write_frame=count,
-            )
-    size = len(header) + len(ops) + total[0]
+        with open(seed, "rb") as old_f:
+            old_sha = hashlib.file_digest(old_f, "sha256").hexdigest()
+        made = make_delta(
+            seed,
+            new_path,
+            payload.chunking,
+            Path(tmp) / "delta",
+            old_sha256=old_sha,
+            new_sha256=payload.sha256,
+        )
     return replace(
-        d, pair_delta_bytes=size, pair_delta_seconds=round(time.perf_counter() - started, 1)
+        d,
+        pair_delta_bytes=made.length,
+        pair_delta_seconds=round(time.perf_counter() - started, 1),
+        pair_delta_kind=made.kind,
+        pair_delta_streams=(made.streams, made.deflated),
     )
 
 
@@ -400,10 +403,16 @@ def _print_text(d: DeltaPlan, bundle: Path, seed: Path) -> None:
     if d.pair_delta_bytes is None:
         summary.add_row("method", "chunks (--pair-delta also measures a delta from the seed)")
     else:
+        zlib = (
+            f"; through {d.pair_delta_streams[0]} zlib streams, "
+            f"{d.pair_delta_streams[1]} deflated on the device"
+            if d.pair_delta_kind == "zlib"
+            else ""
+        )
         summary.add_row(
             "method",
             f"{d.method}: a per-pair delta from the seed is {d.pair_delta_bytes} bytes "
-            f"({human_size(d.pair_delta_bytes)}, made in {d.pair_delta_seconds:.1f} s), "
+            f"({human_size(d.pair_delta_bytes)}, made in {d.pair_delta_seconds:.1f} s{zlib}), "
             f"the chunk plan {d.chunk_bytes} bytes",
         )
     out.print(summary)

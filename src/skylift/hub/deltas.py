@@ -17,9 +17,11 @@ manifests have with the same name and slot class:
 2. **Make** one pending delta at a time, in a temporary directory: rebuild
    both payloads from their packs (bounded reads, every chunk decoded and
    checked against its index entry, the whole payload against its manifest
-   SHA-256), cut both with :func:`~skylift.chunks.delta.pair_chunking` of
-   the new payload's chunking, and call
-   :func:`~skylift.chunks.delta.build_delta`.
+   SHA-256), and call :func:`skylift.deltamaker.make_delta`: a zlib delta
+   through the inflated forms when zlib streams make a quarter of the new
+   payload (a squashfs image with gzip), a plain one otherwise, both cut
+   with :func:`~skylift.chunks.delta.pair_chunking` of the new payload's
+   chunking.
 3. **Check** it the way a device will: parse it back and apply it, in bounded
    memory, to the old payload; it must rebuild exactly the new payload's
    SHA-256. A delta that does not work is never stored.
@@ -50,15 +52,13 @@ import asyncio
 import hashlib
 import io
 import logging
-import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import zstandard
 from sqlalchemy import and_, or_, select
@@ -67,14 +67,9 @@ from sqlalchemy.orm import Session, aliased
 from tuf.api.metadata import TargetFile
 
 from skylift.bundle import BundleError, Manifest, PayloadEntry, read_head
-from skylift.chunks import ChunkEntry, ChunkError, ChunkingParams, decode_chunk
-from skylift.chunks.delta import (
-    DeltaError,
-    build_delta,
-    cut_chunks,
-    pair_chunking,
-    rebuild,
-)
+from skylift.chunks import ChunkEntry, ChunkError, decode_chunk, zstreams
+from skylift.chunks.delta import pair_chunking
+from skylift.deltamaker import cut_file, make_delta, reader
 from skylift.errors import SkyliftError
 from skylift.hub import web
 from skylift.hub.content import MAX_INDEX_BYTES, ContentError, verify_index, version_segment
@@ -114,8 +109,6 @@ RETRY_AFTER_S = 600
 _PLAN_BATCH = 8
 #: Pack bytes read per request when rebuilding a payload (plus one chunk at most).
 _PACK_READ_BYTES = 8 * 1024 * 1024
-#: Old payload bytes read at once when a delta is checked.
-_COPY_READ_BYTES = 1024 * 1024
 _ERROR_CHARS = 300
 
 
@@ -516,25 +509,6 @@ def _rebuild(
         raise ContentError(f"{key} does not rebuild the payload its manifest describes")
 
 
-def _cut(path: Path, params: ChunkingParams) -> list[tuple[int, int, bytes]]:
-    """``(offset, length, sha256)`` of the file's chunks, cut with ``params``."""
-    with open(path, "rb") as f:
-        return list(cut_chunks(f, params))
-
-
-def _pread(f: BinaryIO, offset: int, length: int) -> bytes:
-    """Exactly ``length`` bytes of ``f`` from ``offset``."""
-    parts = []
-    while length:
-        block = os.pread(f.fileno(), length, offset)
-        if not block:
-            raise DeltaError("a delta reaches past the end of a payload")
-        parts.append(block)
-        offset += len(block)
-        length -= len(block)
-    return b"".join(parts)
-
-
 def _check(delta: Path, old: Path, old_payload: PayloadEntry, new_payload: PayloadEntry) -> None:
     """Apply ``delta`` to ``old`` as a device would; it must make exactly the new payload.
 
@@ -544,9 +518,9 @@ def _check(delta: Path, old: Path, old_payload: PayloadEntry, new_payload: Paylo
         DeltaError: it does not parse, names other payloads, or rebuilds other bytes.
     """
     with open(delta, "rb") as d, open(old, "rb") as o:
-        pieces = rebuild(
+        pieces = zstreams.rebuild(
             d.read,
-            lambda offset, n: _pread(o, offset, n),
+            reader(o),
             from_sha256=old_payload.sha256,
             from_size=old_payload.size,
             to_sha256=new_payload.sha256,
@@ -589,39 +563,34 @@ def _make(ctx: HubContext, job: _Job) -> _Result:
         old_path, new_path = work / "old", work / "new"
         _rebuild(store, f"{old_prefix}{job.payload}.pack", old_entries, old_p, old_path)
         _rebuild(store, f"{new_prefix}{job.payload}.pack", new_entries, new_p, new_path)
-        old_chunks = _cut(old_path, new_p.chunking)
+        old_chunks = cut_file(old_path, new_p.chunking)
         plan_bytes = chunk_plan_bytes(index_bytes, new_entries, (c[2] for c in old_chunks))
-        pair = pair_chunking(new_p.chunking)
-        if pair == new_p.chunking:
-            new_chunks: Iterable[tuple[int, int, bytes]] = (
-                (e.offset, e.length, e.digest) for e in new_entries
+        delta_path = work / "delta"
+        # The index's entries and the chunks just cut are the plain delta's when
+        # the payload's chunking is the pair's: no need to cut again.
+        chunks = None
+        if pair_chunking(new_p.chunking) == new_p.chunking:
+            chunks = (old_chunks, ((e.offset, e.length, e.digest) for e in new_entries))
+        made = make_delta(
+            old_path,
+            new_path,
+            new_p.chunking,
+            delta_path,
+            old_sha256=old_p.sha256,
+            new_sha256=new_p.sha256,
+            chunks=chunks,
+        )
+        del old_chunks, chunks
+        if made.kind == "zlib":
+            log.info(
+                "delta %s %s -> %s (%s): through %d zlib streams, %d deflated on the device",
+                job.product,
+                job.from_version,
+                job.version,
+                job.payload,
+                made.streams,
+                made.deflated,
             )
-        else:
-            old_chunks, new_chunks = _cut(old_path, pair), _cut(new_path, pair)
-        frames_path, delta_path = work / "frames", work / "delta"
-        with open(old_path, "rb") as old_f, open(new_path, "rb") as new_f:
-            with open(frames_path, "wb") as frames:
-
-                def write_frame(frame: bytes) -> None:
-                    frames.write(frame)
-
-                header, ops = build_delta(
-                    old_chunks=old_chunks,
-                    new_chunks=new_chunks,
-                    old_size=old_p.size,
-                    new_size=new_p.size,
-                    from_sha256=bytes.fromhex(old_p.sha256),
-                    to_sha256=bytes.fromhex(new_p.sha256),
-                    read_old=lambda offset, n: _pread(old_f, offset, n),
-                    read_new=lambda offset, n: _pread(new_f, offset, n),
-                    write_frame=write_frame,
-                )
-            del old_chunks, new_chunks
-            with open(delta_path, "wb") as out, open(frames_path, "rb") as frames_in:
-                out.write(header)
-                out.write(ops)
-                shutil.copyfileobj(frames_in, out, _COPY_READ_BYTES)
-            frames_path.unlink()
         _check(delta_path, old_path, old_p, new_p)
         with open(delta_path, "rb") as f:
             digest = hashlib.file_digest(f, "sha256")

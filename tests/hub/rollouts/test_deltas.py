@@ -30,7 +30,7 @@ import pytest
 import sqlalchemy as sa
 from rich.console import Console
 
-from skylift.chunks import ChunkingParams, iter_chunks
+from skylift.chunks import ChunkingParams, iter_chunks, zstreams
 from skylift.chunks.delta import read_delta, replay
 from skylift.cli import remote
 from skylift.hub import ca, deltas, rollouts
@@ -494,6 +494,61 @@ def test_a_delta_not_smaller_than_the_chunk_plan_is_not_offered(
     hub.add_devices(["d1"], slots={"d1": {"rootfs": "1.0.0"}})
     assert hub.deploy(version="1.1.0", phases=[{"percent": 100}]).status_code == 201
     assert "deltas" not in _custom(hub, "d1")
+
+
+@pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)  # logic, not SQL
+def test_a_squashfs_release_gets_a_zlib_delta(
+    hub: Hub, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mksquashfs's gzip blocks: the hub makes the delta through their inflated forms."""
+    mksquashfs = shutil.which("mksquashfs") or shutil.which("mksquashfs", path="/usr/sbin")
+    if mksquashfs is None:
+        pytest.fail(
+            "mksquashfs is missing: `make test` installs squashfs-tools; run it through make"
+        )
+    tree = tmp_path / "tree"
+    files = sorted(Path(os.__file__).parent.glob("*.py"))[:60]
+    for path in files:
+        dest = tree / "usr/lib/python3" / path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+    images: dict[str, bytes] = {}
+    for version in ("1.0.0", "1.1.0"):
+        if version == "1.1.0":
+            patched = tree / "usr/lib/python3" / files[7].name
+            patched.write_text(patched.read_text() + "\n# patched in 1.1.0\n")
+        image = tmp_path / f"{version}.sqfs"
+        subprocess.run(
+            [mksquashfs, str(tree), str(image), "-noappend", "-no-progress", "-quiet",
+             "-mkfs-time", "0", "-all-time", "0", "-all-root"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        images[version] = image.read_bytes()
+    _publish(hub, {v: make_bundle(v, images[v]) for v in images}, "1.0.0", "1.1.0")
+    with caplog.at_level("INFO", logger="skylift.hub.deltas"):
+        (line,) = deltas.run_pending(hub.ctx)
+    assert "ready" in line
+    assert "zlib streams" in caplog.text
+    ((*_, status, row),) = _rows(hub)
+    assert status == DeltaStatus.READY
+    old, new = images["1.0.0"], images["1.1.0"]
+    stored = hub.ctx.store.get(_delta_key("1.1.0", _sha(old)), max_bytes=IMAGE_BYTES)
+    assert stored[:4] == b"SKZ1" and (len(stored), _sha(stored)) == (row.length, row.sha256)
+    made = b"".join(
+        data
+        for _, data in zstreams.rebuild(
+            io.BytesIO(stored).read,
+            lambda o, n: old[o : o + n],
+            from_sha256=_sha(old),
+            from_size=len(old),
+            to_sha256=_sha(new),
+            to_size=len(new),
+        )
+    )
+    assert made == new
+    # One patched file: a few KB, where its compressed blocks and the tables would be far more.
+    assert row.length is not None and row.plan_bytes is not None
+    assert row.length * 5 < row.plan_bytes
 
 
 @pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)  # logic, not SQL
