@@ -57,8 +57,8 @@ def _image(blocks: list[bytes], levels: list[int], *, gap: int = 0) -> tuple[byt
     return bytes(out), offsets
 
 
-def _pair(changed: tuple[int, ...] = (3, 11)) -> tuple[list[bytes], list[bytes]]:
-    old = [_text(random.Random(n), 40_000 + 977 * n) for n in range(16)]
+def _pair(changed: tuple[int, ...] = (3, 11), count: int = 16) -> tuple[list[bytes], list[bytes]]:
+    old = [_text(random.Random(n), 40_000 + 977 * n) for n in range(count)]
     new = list(old)
     for n in changed:  # a few bytes changed in a few files: their whole blocks change
         block = bytearray(new[n])
@@ -418,3 +418,34 @@ def test_stream_records_out_of_range_are_refused(
     header[HEADER_SIZE - 8 : HEADER_SIZE - 4] = struct.pack(">I", 1)
     tampered = _with_tables(bytes(header) + delta[HEADER_SIZE:], old_table, encode_table([stream]))
     _bad(tampered, old, new, message)
+
+
+def test_unchanged_streams_are_neither_inflated_nor_deflated(tmp_path: Path) -> None:
+    """They are copied compressed; only the literals' dictionaries make the device inflate."""
+    old_blocks, new_blocks = _pair(changed=(12,), count=64)
+    old, _ = _image(old_blocks, [9] * len(old_blocks))
+    new, _ = _image(new_blocks, [9] * len(new_blocks))
+    _, delta = _make(tmp_path, old, new)
+    read_bytes = 0
+
+    def read_old(offset: int, n: int) -> bytes:
+        nonlocal read_bytes
+        read_bytes += n
+        return old[offset : offset + n]
+
+    stream = io.BytesIO(delta)
+    made = b"".join(
+        data
+        for _, data in rebuild(
+            stream.read,
+            read_old,
+            from_sha256=hashlib.sha256(old).hexdigest(),
+            from_size=len(old),
+            to_sha256=hashlib.sha256(new).hexdigest(),
+            to_size=len(new),
+        )
+    )
+    assert made == new
+    # Each unchanged stream read once, compressed, to be copied; a few more to be inflated
+    # for the dictionaries of the changed and the new block (not every one a second time).
+    assert len(old) < read_bytes < 1.2 * len(old)

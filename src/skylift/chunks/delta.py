@@ -323,6 +323,7 @@ def replay(
     read_old: Callable[[int, int], bytes],
     *,
     piece: int = 1024 * 1024,
+    unused: Callable[[int, int], tuple[bool, int]] | None = None,
 ) -> Iterator[tuple[int, bytes]]:
     """The new payload, as ``(offset, bytes)`` pieces in order, from the ops and the old one.
 
@@ -332,6 +333,12 @@ def replay(
     The last :data:`MAX_RECENT_BYTES` made are kept for the literals'
     dictionaries. The caller checks that nothing follows the last frame, and
     the result's hash.
+
+    ``unused(offset, length)`` (given ``length`` bytes a copy makes at
+    ``offset``) says whether its first bytes are unused, and how many of
+    them are alike: unused ones are not read, zeros stand for them. The
+    caller says so of bytes it will not look at and no literal's dictionary
+    takes (a zlib delta's streams copied compressed).
 
     Raises:
         DeltaError: a frame is truncated or corrupt, or the old payload is short.
@@ -350,12 +357,20 @@ def replay(
 
     for op in ops:
         if op.kind == COPY:
-            for start in range(0, op.length, piece):
+            start = 0
+            while start < op.length:
                 n = min(piece, op.length - start)
+                if unused is not None:
+                    skip, n = unused(position + start, n)
+                    if skip:
+                        yield position + start, made(bytes(n))
+                        start += n
+                        continue
                 data = read_old(op.source + start, n)
                 if len(data) != n:
                     raise DeltaError("the old payload ends before the delta's copy")
                 yield position + start, made(data)
+                start += n
         else:
             frame = read_exactly(read, op.frame_length, "literal")
             if op.recent_length > len(recent):
@@ -371,9 +386,9 @@ def rebuild(
     read: Callable[[int], bytes],
     read_old: Callable[[int, int], bytes],
     *,
-    from_sha256: str | None,
+    from_sha256: str,
     from_size: int,
-    to_sha256: str | None,
+    to_sha256: str,
     to_size: int,
 ) -> Iterator[tuple[int, bytes]]:
     """A whole delta applied and checked: the new payload as ``(offset, bytes)`` pieces.
@@ -387,28 +402,22 @@ def rebuild(
     last checks raise after the last piece: what was written from the pieces
     is good only once the iteration ends without an error.
 
-    A zlib delta's inner delta joins inflated forms, whose hashes nobody
-    signs: there ``from_sha256`` is None (not compared; the old payload was)
-    and ``to_sha256`` None (the header's own must come out, which tells a
-    corrupt delta from a device that deflates otherwise).
-
     Raises:
         DeltaError: malformed, truncated, other payloads, trailing bytes, or
             it does not make the new payload.
     """
     header, ops = read_delta(read)
-    if from_sha256 not in (None, header.from_sha256.hex()) or header.from_size != from_size:
+    if header.from_sha256.hex() != from_sha256 or header.from_size != from_size:
         raise DeltaError("the delta starts from another payload than the one it is applied to")
-    if to_sha256 not in (None, header.to_sha256.hex()) or header.to_size != to_size:
+    if header.to_sha256.hex() != to_sha256 or header.to_size != to_size:
         raise DeltaError("the delta makes another payload than the one expected")
-    expected = header.to_sha256.hex()
     digest = hashlib.sha256()
     for offset, data in replay(ops, read, read_old):
         digest.update(data)
         yield offset, data
     if read(1):
         raise DeltaError("the delta has bytes after its last literal")
-    if digest.hexdigest() != expected:
+    if digest.hexdigest() != to_sha256:
         raise DeltaError("what the delta made is not the new payload")
 
 

@@ -540,9 +540,11 @@ def rebuild(
     """A whole delta, plain or zlib, applied and checked: the new payload as pieces.
 
     What a device and the hub's check both do; see
-    :func:`skylift.chunks.delta.rebuild`, which this calls for a plain delta
-    and for the inner delta of a zlib one. The result's SHA-256 is checked
-    after the last piece, as there.
+    :func:`skylift.chunks.delta.rebuild`, which this calls for a plain delta.
+    A zlib delta's inner delta is replayed over the old payload's inflated
+    form without making the bytes of the streams copied compressed (see
+    :func:`_copied_only`). The result's SHA-256 is checked after the last
+    piece, as there.
 
     Raises:
         DeltaError: malformed, truncated, other payloads, trailing bytes, a
@@ -583,20 +585,69 @@ def rebuild(
         if s.source >= 0 and s.source + s.length > from_size:
             raise DeltaError("a zlib delta copies a stream from outside the old payload")
     old = InflatedView(read_old, from_size, old_streams)
-    inner = plain.rebuild(
-        read,
-        old.read,
-        from_sha256=None,
-        from_size=old.size,
-        to_sha256=None,
-        to_size=inflated_size(to_size, new_streams),
-    )
+    inner, ops = plain.read_delta(read)
+    if inner.from_size != old.size or inner.to_size != inflated_size(to_size, new_streams):
+        raise DeltaError("a zlib delta's inner delta joins other sizes than its tables say")
+    pieces = plain.replay(ops, read, old.read, unused=_copied_only(ops, new_streams))
     digest = hashlib.sha256()
-    for offset, data in deflate_pieces(inner, new_streams, to_size, read_old):
+    for offset, data in deflate_pieces(pieces, new_streams, to_size, read_old):
         digest.update(data)
         yield offset, data
+    if read(1):
+        raise DeltaError("the delta has bytes after its last literal")
     if digest.hexdigest() != to_sha256:
         raise DeltaError("what the delta made is not the new payload")
+
+
+def _copied_only(
+    ops: Sequence[plain.DeltaOp], streams: Sequence[Stream]
+) -> Callable[[int, int], tuple[bool, int]]:
+    """Which bytes of the inflated form are only those of streams copied compressed.
+
+    Such bytes need not be made (deflate_pieces drops them), unless a
+    literal's dictionary takes them. ``f(offset, length)`` says whether the
+    range's first bytes are such, and how many of them are alike (at least
+    one). The inner delta's hash is then not checked (what it makes is not
+    all there); the payload's is.
+    """
+    starts, ends = array("q"), array("q")  # of streams copied compressed, merged
+    shift = 0
+    for s in streams:
+        if s.source >= 0:
+            start = s.offset + shift
+            if ends and ends[-1] == start:  # streams one after the other: one range
+                ends[-1] = start + s.size
+            else:
+                starts.append(start)
+                ends.append(start + s.size)
+        shift += s.size - s.length
+    windows: list[tuple[int, int]] = []
+    position = 0
+    for op in ops:
+        if op.kind == plain.LITERAL and op.recent_length:
+            windows.append((position - op.recent_length, position))
+        position += op.length
+    taken_starts, taken_ends = array("q"), array("q")  # the literals' windows, merged
+    for a, b in sorted(windows):
+        if taken_ends and a <= taken_ends[-1]:
+            taken_ends[-1] = max(taken_ends[-1], b)
+        else:
+            taken_starts.append(a)
+            taken_ends.append(b)
+
+    def copied_only(offset: int, length: int) -> tuple[bool, int]:
+        end = offset + length
+        j = bisect_right(taken_starts, offset) - 1
+        if j >= 0 and taken_ends[j] > offset:  # a dictionary takes them
+            return False, min(end, taken_ends[j]) - offset
+        next_taken = taken_starts[j + 1] if j + 1 < len(taken_starts) else end
+        k = bisect_right(starts, offset) - 1
+        if k >= 0 and ends[k] > offset:
+            return True, min(end, ends[k], next_taken) - offset
+        next_copied = starts[k + 1] if k + 1 < len(starts) else end
+        return False, min(end, next_copied) - offset
+
+    return copied_only
 
 
 def _prefixed(first: bytes, read: Callable[[int], bytes]) -> Callable[[int], bytes]:
