@@ -106,9 +106,9 @@ _VIEW_CACHE = 4
 #: Threads that deflate a new payload's changed streams ...
 DEFLATE_THREADS = 2
 #: ... with at most this many streams waiting or in progress (1 MiB each, in and out),
-_DEFLATE_QUEUE = 4
+_DEFLATE_QUEUE = 3
 #: ... and at most about this many bytes made and not yet handed on.
-_QUEUE_BYTES = 8 * 1024 * 1024
+_QUEUE_BYTES = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
