@@ -146,6 +146,15 @@ def test_inflated_form_stays_within_its_bound() -> None:
     assert first.offset == 10_000
 
 
+def test_the_search_gives_up_on_a_payload_of_false_starts() -> None:
+    """Headers that start no stream cost an inflate each: at most 1024 per MiB are tried."""
+    stream = zlib.compress(_text(random.Random(3), 50_000), 9)
+    few = b"\x78\x01" * 1000 + stream
+    assert [s.offset for s in find_streams(_reader(few), len(few))] == [2000]
+    many = b"\x78\x01" * (1024 * 1024) + stream  # 2 MiB: a million false starts
+    assert find_streams(_reader(many), len(many)) == []
+
+
 @pytest.mark.parametrize(
     ("make", "level"),
     [

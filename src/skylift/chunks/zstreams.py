@@ -64,6 +64,7 @@ from skylift.chunks.delta import DeltaError
 
 __all__ = [
     "DEFLATE_THREADS",
+    "MAX_CANDIDATES_PER_MIB",
     "MAX_STREAMS",
     "MAX_STREAM_BYTES",
     "ZLIB_DELTA_MAGIC",
@@ -91,6 +92,8 @@ MAX_STREAM_INPUT = MAX_STREAM_BYTES + 1024
 MAX_STREAMS = 256 * 1024
 #: A payload's inflated form is at most this many times its size.
 MAX_INFLATION = 8
+#: The search for streams stops after this many false starts per MiB of payload.
+MAX_CANDIDATES_PER_MIB = 1024
 
 _HEADER = struct.Struct(">4s32s32sQQIIII")
 HEADER_SIZE = _HEADER.size
@@ -162,8 +165,14 @@ def find_streams(
     :data:`MAX_INFLATION` times ``size``): the rest stays as it is.
     Whether a stream compresses back to its bytes is :func:`reproducible`'s
     question, asked only of the streams a device would have to deflate.
+
+    The search gives up after :data:`MAX_CANDIDATES_PER_MIB` headers per MiB
+    that start no stream (random bytes hold about 64; a payload built to
+    look like nested stored blocks could hold one in seven bytes, each
+    costing an inflate).
     """
     limit = MAX_INFLATION * size if max_inflated is None else max_inflated
+    misses = MAX_CANDIDATES_PER_MIB * (size >> 20) + MAX_CANDIDATES_PER_MIB
     found: list[Stream] = []
     grown = 0
     base, window = 0, memoryview(b"")
@@ -185,6 +194,9 @@ def find_streams(
             continue
         stream = _stream_at(window, match.start(), base)
         if stream is None or grown + stream.size - stream.length > limit - size:
+            misses -= 1
+            if misses < 0:
+                break
             position = base + match.start() + 1
             continue
         found.append(stream)
