@@ -76,6 +76,7 @@ def make_delta(
     old_sha256: str,
     new_sha256: str,
     chunks: tuple[Chunks, Chunks] | None = None,
+    zlib: bool = True,
 ) -> MadeDelta:
     """Write the delta from the payload in ``old`` to the one in ``new`` into ``dest``.
 
@@ -83,7 +84,8 @@ def make_delta(
     :func:`~skylift.chunks.delta.pair_chunking` (or ``chunks``, the old and
     the new payload's chunks already cut so, is used for a plain delta).
     Temporary files go beside ``dest`` (for a zlib delta, both inflated
-    forms: up to a few times the payloads' sizes).
+    forms: up to a few times the payloads' sizes). ``zlib`` False: a plain
+    delta whatever the payloads hold.
 
     Raises:
         DeltaError: the files changed while being read.
@@ -91,7 +93,7 @@ def make_delta(
     """
     old_size, new_size = old.stat().st_size, new.stat().st_size
     with open(old, "rb") as old_f, open(new, "rb") as new_f:
-        new_streams = find_streams(reader(new_f), new_size)
+        new_streams = find_streams(reader(new_f), new_size) if zlib else []
         if sum(s.length for s in new_streams) * ZLIB_MIN_SHARE < new_size:
             if chunks is None:
                 pair = pair_chunking(chunking)

@@ -51,6 +51,7 @@ def test_absolute_urls_are_kept(tmp_path: Path) -> None:
         ("max_payload_bytes = 4294967296", "max_payload_bytes = 0", "max_payload_bytes"),
         ("interval_s = 30\n", "interval_s = 0\n", "[deltas] interval_s must be 1..3600"),
         ("interval_s = 30\n", "interval_s = 3601\n", "[deltas] interval_s must be 1..3600"),
+        ("zlib = true", 'zlib = "yes"', "[deltas] zlib must be true or false"),
     ],
 )
 def test_bad_values_are_one_line(tmp_path: Path, old: str, new: str, message: str) -> None:
@@ -68,16 +69,17 @@ def test_delta_settings(tmp_path: Path) -> None:
     path = tmp_path / CONFIG_NAME
     text = path.read_text().replace("previous_releases = 2", "previous_releases = 0")
     text = text.replace("interval_s = 30\n", "interval_s = 2\n")
+    text = text.replace("zlib = true", "zlib = false")
     path.write_text(text.replace("max_payload_bytes = 4294967296", "max_payload_bytes = 1048576"))
     c = load_config(tmp_path)
     assert (c.delta_previous_releases, c.delta_max_payload_bytes) == (0, 1 << 20)
-    assert c.delta_interval_s == 2
+    assert c.delta_interval_s == 2 and c.delta_zlib is False
     # A hub.toml written before the setting existed gets the defaults.
     text = path.read_text()
     path.write_text(text[: text.index("[deltas]")])
     c = load_config(tmp_path)
     assert (c.delta_previous_releases, c.delta_max_payload_bytes) == (2, 4 << 30)
-    assert c.delta_interval_s == 30
+    assert c.delta_interval_s == 30 and c.delta_zlib is True
 
 
 def test_not_a_hub_directory(tmp_path: Path) -> None:

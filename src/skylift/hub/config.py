@@ -67,6 +67,9 @@ class HubConfig:
     delta_max_payload_bytes: int = DEFAULT_DELTA_MAX_PAYLOAD_BYTES
     #: Seconds between two looks for releases that need deltas, when none is pending.
     delta_interval_s: int = 30
+    #: Make zlib deltas (through inflated streams: squashfs with gzip) where they fit;
+    #: False: plain deltas only (more bytes, no deflating on devices).
+    delta_zlib: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -166,6 +169,8 @@ def load_config(directory: Path) -> HubConfig:
         "[deltas] interval_s must be 1..3600",
         path,
     )
+    delta_zlib = deltas.get("zlib", True)
+    _require(type(delta_zlib) is bool, "[deltas] zlib must be true or false", path)
     return HubConfig(
         directory=directory,
         name=name,
@@ -178,6 +183,7 @@ def load_config(directory: Path) -> HubConfig:
         delta_previous_releases=previous,
         delta_max_payload_bytes=max_payload,
         delta_interval_s=delta_interval,
+        delta_zlib=delta_zlib,
     )
 
 
@@ -219,6 +225,9 @@ previous_releases = 2
 max_payload_bytes = 4294967296
 # Seconds between two looks for new releases when no delta is pending.
 interval_s = 30
+# Deltas through the inflated blocks of payloads of zlib streams (squashfs with
+# gzip): ten times smaller for a small update; devices deflate the changed blocks.
+zlib = true
 """
     atomic_write(path, text.encode())
     return path

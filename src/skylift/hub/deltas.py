@@ -579,6 +579,7 @@ def _make(ctx: HubContext, job: _Job) -> _Result:
             old_sha256=old_p.sha256,
             new_sha256=new_p.sha256,
             chunks=chunks,
+            zlib=ctx.config.delta_zlib,
         )
         del old_chunks, chunks
         if made.kind == "zlib":

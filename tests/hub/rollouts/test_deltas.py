@@ -497,10 +497,15 @@ def test_a_delta_not_smaller_than_the_chunk_plan_is_not_offered(
 
 
 @pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)  # logic, not SQL
+@pytest.mark.parametrize("zlib", [True, False])
 def test_a_squashfs_release_gets_a_zlib_delta(
-    hub: Hub, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    hub: Hub, tmp_path: Path, caplog: pytest.LogCaptureFixture, zlib: bool
 ) -> None:
-    """mksquashfs's gzip blocks: the hub makes the delta through their inflated forms."""
+    """mksquashfs's gzip blocks: the hub makes the delta through their inflated forms.
+
+    Unless ``[deltas] zlib = false``: then a plain delta, several times larger.
+    """
+    hub.ctx.config = replace(hub.ctx.config, delta_zlib=zlib)
     mksquashfs = shutil.which("mksquashfs") or shutil.which("mksquashfs", path="/usr/sbin")
     if mksquashfs is None:
         pytest.fail(
@@ -528,12 +533,13 @@ def test_a_squashfs_release_gets_a_zlib_delta(
     with caplog.at_level("INFO", logger="skylift.hub.deltas"):
         (line,) = deltas.run_pending(hub.ctx)
     assert "ready" in line
-    assert "zlib streams" in caplog.text
+    assert ("zlib streams" in caplog.text) is zlib
     ((*_, status, row),) = _rows(hub)
     assert status == DeltaStatus.READY
     old, new = images["1.0.0"], images["1.1.0"]
     stored = hub.ctx.store.get(_delta_key("1.1.0", _sha(old)), max_bytes=IMAGE_BYTES)
-    assert stored[:4] == b"SKZ1" and (len(stored), _sha(stored)) == (row.length, row.sha256)
+    assert stored[:4] == (b"SKZ1" if zlib else b"SKD2")
+    assert (len(stored), _sha(stored)) == (row.length, row.sha256)
     made = b"".join(
         data
         for _, data in zstreams.rebuild(
@@ -546,9 +552,10 @@ def test_a_squashfs_release_gets_a_zlib_delta(
         )
     )
     assert made == new
-    # One patched file: a few KB, where its compressed blocks and the tables would be far more.
+    # One patched file: a few KB through the inflated blocks; its compressed blocks whole
+    # (and the directory tables mksquashfs rewrote) otherwise.
     assert row.length is not None and row.plan_bytes is not None
-    assert row.length * 5 < row.plan_bytes
+    assert (row.length * 5 < row.plan_bytes) is zlib
 
 
 @pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)  # logic, not SQL
