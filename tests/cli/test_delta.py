@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -258,6 +259,7 @@ def test_pair_delta_is_measured_and_chosen_when_smaller(
     assert literal < delta["bytes"] < literal + 1024
     assert delta["bytes"] < b["total"]
     assert doc["method"] == "delta"
+    assert (delta["kind"], delta["zlib_streams"], delta["deflated_streams"]) == ("plain", 0, 0)
     # A seed unrelated to the bundle: the delta is the whole payload, as is the chunk plan.
     other = _json(
         skylift_fast(
@@ -271,3 +273,27 @@ def test_pair_delta_is_measured_and_chosen_when_smaller(
     # Then the delta wins only by the head and index the chunk plan adds.
     assert other["method"] == ("delta" if pair["bytes"] < totals["total"] else "chunks")
     assert totals["total"] - pair["bytes"] < totals["head"] + totals["index"]
+
+
+def test_pair_delta_of_zlib_blocks_says_so(skylift_fast: SkyliftInProcess, tmp_path: Path) -> None:
+    """A payload of zlib streams (as squashfs with gzip): the delta goes through them."""
+    rng = random.Random(12)
+    words = [rng.randbytes(5).hex() for _ in range(200)]
+    texts = [" ".join(rng.choice(words) for _ in range(5000)).encode() for _ in range(12)]
+    old = b"HEAD" * 24 + b"".join(zlib.compress(t, 9) for t in texts)
+    texts[5] = texts[5][:100] + b"CHANGED!" + texts[5][108:]
+    new = b"HEAD" * 24 + b"".join(zlib.compress(t, 9) for t in texts)
+    (tmp_path / "old.img").write_bytes(old)
+    (tmp_path / "new.img").write_bytes(new)
+    _bundle(tmp_path / "z.bundle", {"rootfs": (tmp_path / "new.img", ChunkingParams.cdc(16384))})
+    args = ("delta", "plan", "--seed", tmp_path / "old.img", tmp_path / "z.bundle")
+    key = ("--key", tmp_path / "z.pub")
+    doc = _json(skylift_fast(*args, "--json", "--pair-delta", *key))
+    delta = doc["pair_delta"]
+    assert isinstance(delta, dict)
+    assert (delta["kind"], delta["zlib_streams"], delta["deflated_streams"]) == ("zlib", 12, 1)
+    # Eight bytes changed: far less than the changed stream compressed (about 13 KB).
+    assert delta["bytes"] < 2000 and doc["method"] == "delta"
+    text = skylift_fast(*args, "--pair-delta", *key)
+    assert text.code == 0, text.err
+    assert "through 12 zlib streams, 1 deflated on the device" in " ".join(text.out.split())
