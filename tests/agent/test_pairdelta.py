@@ -46,12 +46,18 @@ def signer() -> CryptoSigner:
     return signer_for(generate_private_key())
 
 
+def _releases(signer: CryptoSigner, v2: bytes, v3: bytes) -> tuple[Published, Published]:
+    """2.0.0 and 3.0.0 published, with ``v2`` and ``v3`` as their rootfs."""
+    trusted = TrustedKeys((signer.public_key,))
+    return (
+        publish(build_bundle(signer, "2.0.0", {"rootfs": v2}), trusted),
+        publish(build_bundle(signer, "3.0.0", {"rootfs": v3}), trusted),
+    )
+
+
 @pytest.fixture(scope="module")
 def releases(signer: CryptoSigner) -> tuple[Published, Published]:
-    trusted = TrustedKeys((signer.public_key,))
-    v2 = publish(build_bundle(signer, "2.0.0", {"rootfs": V2}), trusted)
-    v3 = publish(build_bundle(signer, "3.0.0", {"rootfs": V3}), trusted)
-    return v2, v3
+    return _releases(signer, V2, V3)
 
 
 def _on_v2(tmp_path: Path, releases: tuple[Published, Published]) -> Device:
@@ -230,10 +236,7 @@ Z_DELTA = make_delta(Z2, Z3)
 
 @pytest.fixture(scope="module")
 def zlib_releases(signer: CryptoSigner) -> tuple[Published, Published]:
-    trusted = TrustedKeys((signer.public_key,))
-    z2 = publish(build_bundle(signer, "2.0.0", {"rootfs": Z2}), trusted)
-    z3 = publish(build_bundle(signer, "3.0.0", {"rootfs": Z3}), trusted)
-    return z2, z3
+    return _releases(signer, Z2, Z3)
 
 
 def _on_z2_offered_z3(

@@ -45,6 +45,7 @@ import hashlib
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import zstandard
 
@@ -64,12 +65,16 @@ __all__ = [
     "DeltaError",
     "DeltaHeader",
     "DeltaOp",
+    "Joins",
     "build_delta",
+    "check_joins",
     "compress_literal",
     "cut_chunks",
     "decode_literal",
     "encode_header",
     "encode_ops",
+    "hashed",
+    "one_frame",
     "pair_chunking",
     "parse_header",
     "parse_ops",
@@ -215,20 +220,7 @@ def parse_ops(header: DeltaHeader, frame: bytes) -> list[DeltaOp]:
     """
     if len(frame) != header.ops_length:
         raise DeltaError("the delta's operations frame has the wrong length")
-    expected = header.op_count * OP_SIZE
-    try:
-        declared = zstandard.frame_content_size(frame)
-    except zstandard.ZstdError:
-        raise DeltaError("the delta's operations are not a zstd frame") from None
-    if declared != expected:
-        raise DeltaError("the delta's operations frame declares the wrong size")
-    decoder = zstandard.ZstdDecompressor().decompressobj()
-    try:
-        raw = decoder.decompress(frame)
-    except zstandard.ZstdError:
-        raise DeltaError("the delta's operations frame is corrupt") from None
-    if len(raw) != expected or not decoder.eof or decoder.unused_data:
-        raise DeltaError("the delta's operations frame is not exactly one frame of its size")
+    raw = one_frame(frame, "the delta's operations frame", size=header.op_count * OP_SIZE)
     ops: list[DeltaOp] = []
     cursor = 0
     made = 0
@@ -287,12 +279,34 @@ def decode_literal(op: DeltaOp, frame: bytes, dictionary: bytes) -> bytes:
     """
     if len(frame) != op.frame_length or len(dictionary) != op.dict_length + op.recent_length:
         raise DeltaError("a literal's frame or dictionary has the wrong length")
+    return one_frame(frame, "a literal of the delta", size=op.length, dictionary=dictionary)
+
+
+def one_frame(
+    frame: bytes,
+    what: str,
+    *,
+    size: int | None = None,
+    limit: int | None = None,
+    dictionary: bytes = b"",
+) -> bytes:
+    """What ``frame`` holds: one zstd frame declaring ``size`` bytes, or at most ``limit``.
+
+    ``dictionary``: raw content it was compressed against (none when shorter
+    than 8 bytes, as :func:`compress_literal` does). ``what`` names it in errors.
+
+    Raises:
+        DeltaError: not a zstd frame, another size declared, corrupt, or not
+            exactly one frame of what it declares.
+    """
     try:
         declared = zstandard.frame_content_size(frame)
     except zstandard.ZstdError:
-        raise DeltaError("a literal of the delta is not a zstd frame") from None
-    if declared != op.length:
-        raise DeltaError("a literal of the delta declares the wrong size")
+        raise DeltaError(f"{what} is not a zstd frame") from None
+    if (size is not None and declared != size) or (
+        limit is not None and not 0 <= declared <= limit
+    ):
+        raise DeltaError(f"{what} declares the wrong size")
     if len(dictionary) >= 8:
         d = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
         decoder = zstandard.ZstdDecompressor(dict_data=d).decompressobj()
@@ -301,9 +315,9 @@ def decode_literal(op: DeltaOp, frame: bytes, dictionary: bytes) -> bytes:
     try:
         data = decoder.decompress(frame)
     except zstandard.ZstdError:
-        raise DeltaError("a literal of the delta is corrupt") from None
-    if len(data) != op.length or not decoder.eof or decoder.unused_data:
-        raise DeltaError("a literal of the delta is not exactly one frame of its size")
+        raise DeltaError(f"{what} is corrupt") from None
+    if len(data) != declared or not decoder.eof or decoder.unused_data:
+        raise DeltaError(f"{what} is not exactly one frame of its size")
     return data
 
 
@@ -407,12 +421,49 @@ def rebuild(
             it does not make the new payload.
     """
     header, ops = read_delta(read)
+    check_joins(
+        header, from_sha256=from_sha256, from_size=from_size, to_sha256=to_sha256, to_size=to_size
+    )
+    yield from hashed(replay(ops, read, read_old), read, to_sha256)
+
+
+class Joins(Protocol):
+    """A delta header: the payloads it joins."""
+
+    @property
+    def from_sha256(self) -> bytes: ...
+    @property
+    def from_size(self) -> int: ...
+    @property
+    def to_sha256(self) -> bytes: ...
+    @property
+    def to_size(self) -> int: ...
+
+
+def check_joins(
+    header: Joins, *, from_sha256: str, from_size: int, to_sha256: str, to_size: int
+) -> None:
+    """The header must join exactly these payloads (SHA-256 as hex, sizes).
+
+    Raises:
+        DeltaError: it names another old or new payload.
+    """
     if header.from_sha256.hex() != from_sha256 or header.from_size != from_size:
         raise DeltaError("the delta starts from another payload than the one it is applied to")
     if header.to_sha256.hex() != to_sha256 or header.to_size != to_size:
         raise DeltaError("the delta makes another payload than the one expected")
+
+
+def hashed(
+    pieces: Iterable[tuple[int, bytes]], read: Callable[[int], bytes], to_sha256: str
+) -> Iterator[tuple[int, bytes]]:
+    """``pieces`` passed on; after the last, nothing may follow in the delta and they hash right.
+
+    Raises:
+        DeltaError: after the last piece: trailing bytes, or another hash.
+    """
     digest = hashlib.sha256()
-    for offset, data in replay(ops, read, read_old):
+    for offset, data in pieces:
         digest.update(data)
         yield offset, data
     if read(1):

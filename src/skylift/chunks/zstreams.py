@@ -321,19 +321,7 @@ def parse_table(frame: bytes, count: int, size: int) -> list[Stream]:
     Raises:
         DeltaError: the frame is corrupt, or a record is out of range.
     """
-    try:
-        declared = zstandard.frame_content_size(frame)
-    except zstandard.ZstdError:
-        raise DeltaError("a zlib delta's stream table is not a zstd frame") from None
-    if not 0 <= declared <= count * _MAX_RECORD_BYTES:
-        raise DeltaError("a zlib delta's stream table declares an impossible size")
-    decoder = zstandard.ZstdDecompressor().decompressobj()
-    try:
-        raw = decoder.decompress(frame)
-    except zstandard.ZstdError:
-        raise DeltaError("a zlib delta's stream table is corrupt") from None
-    if len(raw) != declared or not decoder.eof or decoder.unused_data:
-        raise DeltaError("a zlib delta's stream table is not exactly one frame of its size")
+    raw = plain.one_frame(frame, "a zlib delta's stream table", limit=count * _MAX_RECORD_BYTES)
     streams: list[Stream] = []
     at = 0
     position = 0
@@ -577,10 +565,9 @@ def rebuild(
     if magic != ZLIB_DELTA_MAGIC:
         raise DeltaError("not a Skylift delta (bad magic)")
     header = _parse_header(magic + plain.read_exactly(read, HEADER_SIZE - 4, "header"))
-    if header.from_sha256.hex() != from_sha256 or header.from_size != from_size:
-        raise DeltaError("the delta starts from another payload than the one it is applied to")
-    if header.to_sha256.hex() != to_sha256 or header.to_size != to_size:
-        raise DeltaError("the delta makes another payload than the one expected")
+    plain.check_joins(
+        header, from_sha256=from_sha256, from_size=from_size, to_sha256=to_sha256, to_size=to_size
+    )
     old_streams = parse_table(
         plain.read_exactly(read, header.old_table_length, "stream table"),
         header.old_count,
@@ -601,14 +588,7 @@ def rebuild(
     if inner.from_size != old.size or inner.to_size != inflated_size(to_size, new_streams):
         raise DeltaError("a zlib delta's inner delta joins other sizes than its tables say")
     pieces = plain.replay(ops, read, old.read, unused=_copied_only(ops, new_streams))
-    digest = hashlib.sha256()
-    for offset, data in deflate_pieces(pieces, new_streams, to_size, read_old):
-        digest.update(data)
-        yield offset, data
-    if read(1):
-        raise DeltaError("the delta has bytes after its last literal")
-    if digest.hexdigest() != to_sha256:
-        raise DeltaError("what the delta made is not the new payload")
+    yield from plain.hashed(deflate_pieces(pieces, new_streams, to_size, read_old), read, to_sha256)
 
 
 def _copied_only(
