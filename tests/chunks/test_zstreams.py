@@ -458,3 +458,39 @@ def test_unchanged_streams_are_neither_inflated_nor_deflated(tmp_path: Path) -> 
     # Each unchanged stream read once, compressed, to be copied; a few more to be inflated
     # for the dictionaries of the changed and the new block (not every one a second time).
     assert len(old) < read_bytes < 1.2 * len(old)
+
+
+def test_random_updates_of_block_images_all_rebuild(tmp_path: Path) -> None:
+    """Changes, insertions, removals, level changes and raw gaps, in random mixes.
+
+    What a device skips making (bytes of streams copied compressed) and what
+    it deflates on its threads must still make exactly the new payload.
+    """
+    rng = random.Random(2026)
+    for round_ in range(12):
+        count = rng.randrange(3, 30)
+        blocks = [
+            _text(random.Random(rng.random()), rng.randrange(500, 90_000)) for _ in range(count)
+        ]
+        levels = [rng.choice((9, 9, 9, 6, 1)) for _ in range(count)]
+        new_blocks, new_levels = list(blocks), list(levels)
+        for _ in range(rng.randrange(1, 5)):
+            k = rng.randrange(len(new_blocks))
+            action = rng.choice(("edit", "insert", "remove", "level"))
+            if action == "edit":
+                b = bytearray(new_blocks[k])
+                at = rng.randrange(len(b))
+                b[at : at + 20] = rng.randbytes(20)
+                new_blocks[k] = bytes(b)
+            elif action == "insert":
+                new_blocks.insert(k, _text(random.Random(rng.random()), rng.randrange(500, 60_000)))
+                new_levels.insert(k, 9)
+            elif action == "remove" and len(new_blocks) > 1:
+                del new_blocks[k], new_levels[k]
+            elif action == "level":
+                new_levels[k] = 6 if new_levels[k] == 9 else 9
+        old, _ = _image(blocks, levels, gap=rng.choice((0, 300, 5000)))
+        new, _ = _image(new_blocks, new_levels, gap=rng.choice((0, 300)))
+        made, delta = _make(tmp_path, old, new)
+        assert made.kind == "zlib", round_
+        assert _apply(delta, old, new) == new, round_
