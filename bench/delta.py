@@ -643,8 +643,8 @@ def _write_pack(bundle: Path, key: Path, pack: Path, index: Path) -> None:
 def _delta_kind(pair: dict[str, Any]) -> str:
     if pair.get("kind") == "zlib":
         return (
-            f"skylift.chunks.zstreams: through {pair['zlib_streams']} zlib streams inflated, "
-            f"{pair['deflated_streams']} deflated on the device"
+            f"skylift.chunks.zstreams: through {pair['streams']} compressed streams inflated, "
+            f"{pair['recompressed_streams']} recompressed on the device"
         )
     return "skylift.chunks.delta; literals against the old bytes"
 

@@ -3,10 +3,10 @@
 One function, so that what ``skylift delta plan --pair-delta`` and the
 bench measure is what the hub stores. It picks the kind of delta:
 
-- a *zlib delta* (:mod:`skylift.chunks.zstreams`) when zlib streams make at
-  least a quarter of the new payload (a squashfs image compressed with
-  gzip): the delta joins both payloads' inflated forms, and the device
-  deflates the streams that changed;
+- a *zlib delta* (:mod:`skylift.chunks.zstreams`) when compressed streams
+  (zlib or xz) make at least a quarter of the new payload (a squashfs image
+  compressed with gzip or xz): the delta joins both payloads' inflated
+  forms, and the device compresses again the streams that changed;
 - a plain delta (:mod:`skylift.chunks.delta`) otherwise.
 
 Both are written through a spool beside ``dest``: a delta's literal frames
@@ -45,7 +45,7 @@ from skylift.chunks.zstreams import (
 
 __all__ = ["ZLIB_MIN_SHARE", "MadeDelta", "cut_file", "make_delta", "reader"]
 
-#: A zlib delta is made when the new payload's streams cover at least 1/this of it.
+#: A zlib delta is made when the new payload's zlib and xz streams cover at least 1/this of it.
 ZLIB_MIN_SHARE = 4
 _COPY_BYTES = 1024 * 1024
 
@@ -56,9 +56,9 @@ Chunks = Iterable[tuple[int, int, bytes]]
 class MadeDelta:
     """What :func:`make_delta` wrote.
 
-    ``streams`` counts the new payload's zlib streams the delta goes through
-    (0 for a plain delta), ``deflated`` those a device deflates (the others
-    it copies from the old payload compressed).
+    ``streams`` counts the new payload's compressed streams (zlib, xz) the
+    delta goes through (0 for a plain delta), ``deflated`` those a device
+    compresses again (the others it copies from the old payload compressed).
     """
 
     length: int
@@ -155,7 +155,7 @@ def _pair_streams(
     for s in new:
         source = old_at.get(s.digest)
         if source is not None:
-            kept.append(replace(s, level=0, source=source))
+            kept.append(replace(s, level=max(s.level, 0), source=source))  # the codec
             continue
         level = reproducible(read(s.offset, s.length))
         if level >= 0:

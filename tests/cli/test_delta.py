@@ -259,7 +259,7 @@ def test_pair_delta_is_measured_and_chosen_when_smaller(
     assert literal < delta["bytes"] < literal + 1024
     assert delta["bytes"] < b["total"]
     assert doc["method"] == "delta"
-    assert (delta["kind"], delta["zlib_streams"], delta["deflated_streams"]) == ("plain", 0, 0)
+    assert (delta["kind"], delta["streams"], delta["recompressed_streams"]) == ("plain", 0, 0)
     # A seed unrelated to the bundle: the delta is the whole payload, as is the chunk plan.
     other = _json(
         skylift_fast(
@@ -291,9 +291,10 @@ def test_pair_delta_of_zlib_blocks_says_so(skylift_fast: SkyliftInProcess, tmp_p
     doc = _json(skylift_fast(*args, "--json", "--pair-delta", *key))
     delta = doc["pair_delta"]
     assert isinstance(delta, dict)
-    assert (delta["kind"], delta["zlib_streams"], delta["deflated_streams"]) == ("zlib", 12, 1)
+    assert (delta["kind"], delta["streams"], delta["recompressed_streams"]) == ("zlib", 12, 1)
     # Eight bytes changed: far less than the changed stream compressed (about 13 KB).
     assert delta["bytes"] < 2000 and doc["method"] == "delta"
     text = skylift_fast(*args, "--pair-delta", *key)
     assert text.code == 0, text.err
-    assert "through 12 zlib streams, 1 deflated on the device" in " ".join(text.out.split())
+    words = " ".join(text.out.split())
+    assert "through 12 compressed streams, 1 recompressed on the device" in words

@@ -13,6 +13,13 @@ only the streams it saw compress back to the same bytes, the device
 checks each stream's length as it makes it, and the payload's SHA-256
 from the signed manifest is checked at the end as for any delta.
 
+squashfs compressed with xz (``mksquashfs -comp xz``, OpenWrt's choice)
+works the same way: each block is an xz stream of one LZMA2 block, which
+Python's ``lzma`` makes again byte for byte at the preset the image was
+made with (6 by default); the xz container around it (block header with
+both sizes, check, index, footer, as liblzma's buffer encoder writes it)
+is rebuilt here, since Python's stream encoder writes another.
+
 A stream the new payload shares with the old one (same compressed bytes)
 is copied from the old payload compressed: the device deflates only the
 streams that changed (about 5 MB/s for zlib's level 9 on this kind of
@@ -37,9 +44,11 @@ Layout of a *zlib delta*, big-endian::
 ``gap`` is the count of bytes between the previous stream's end (or the
 payload's start) and this stream; they are the same in the payload and in
 its inflated form. In the new table, ``level`` is the zlib level that makes
-the stream's bytes, and ``source`` is 0 when the device deflates it, or one
-more than the offset in the old payload of the same compressed bytes. The
-old table's streams are only inflated (level and source 0).
+the stream's bytes (0 to 9), or :data:`XZ` and the xz stream's recipe, and
+``source`` is 0 when the device compresses it, or one more than the offset
+in the old payload of the same compressed bytes. The old table's streams
+are only inflated: ``level`` says which codec (0 zlib, :data:`XZ` xz) and
+``source`` is 0.
 
 Pure: reads and writes go through callables; no I/O of its own.
 """
@@ -47,6 +56,7 @@ Pure: reads and writes go through callables; no I/O of its own.
 from __future__ import annotations
 
 import hashlib
+import lzma
 import re
 import struct
 import zlib
@@ -100,9 +110,18 @@ HEADER_SIZE = _HEADER.size
 #: The zlib header's first byte for deflate with a 32 KiB window (the only one
 #: Python's zlib.compress writes), then the second byte for each FLEVEL
 #: (the header's check bits make the pair a multiple of 31).
-_CANDIDATE = re.compile(rb"\x78[\x01\x5e\x9c\xda]")
+_CANDIDATE = re.compile(rb"\x78[\x01\x5e\x9c\xda]|\xfd7zXZ\x00")
 #: The levels that write each FLEVEL into the header, most likely first.
 _LEVELS = {0x01: (1, 0), 0x5E: (5, 4, 3, 2), 0x9C: (6,), 0xDA: (9, 8, 7)}
+#: A stream's ``level`` at or above this is an xz stream's (see :func:`_xz_recipe`).
+XZ = 1 << 16
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+#: The liblzma presets tried for an xz stream, in this order (6 is xz's and mksquashfs's).
+_XZ_PRESETS = (6, 9, 6 | lzma.PRESET_EXTREME, 9 | lzma.PRESET_EXTREME)
+#: xz integrity checks rebuilt (id: bytes); CRC64 is not (Python has no CRC64).
+_XZ_CHECKS = {0: 0, 1: 4, 10: 32}
+#: Memory an xz decoder may take (a stream's dictionary: squashfs uses its block size).
+_XZ_MEMLIMIT = 16 * 1024 * 1024
 _SCAN_WINDOW = 8 * 1024 * 1024
 #: Inflated streams an InflatedView keeps (at most 1 MiB each).
 _VIEW_CACHE = 4
@@ -119,7 +138,8 @@ class Stream:
     """One zlib stream of a payload.
 
     ``level`` is the zlib level that writes its bytes (-1 when not known:
-    found, not checked); ``source`` is, in a new payload's table, where the
+    found, not checked), or for an xz stream :data:`XZ` and its recipe
+    (:data:`XZ` alone when not known); ``source`` is, in a new payload's table, where the
     same compressed bytes lie in the old payload (-1: none, deflated on the
     device). ``digest`` (of the compressed bytes) lets a maker pair the new
     payload's streams with the old one's; it is not sent.
@@ -206,11 +226,12 @@ def find_streams(
 
 
 def _stream_at(window: memoryview, start: int, base: int) -> Stream | None:
-    decoder = zlib.decompressobj()
     piece = window[start : start + MAX_STREAM_INPUT]
+    xz = piece[:6] == _XZ_MAGIC
+    decoder = _decoder(xz)
     try:
         data = decoder.decompress(piece, MAX_STREAM_BYTES + 1)
-    except zlib.error:
+    except (zlib.error, lzma.LZMAError):
         return None
     if not decoder.eof or len(data) > MAX_STREAM_BYTES or not data:
         return None
@@ -219,25 +240,130 @@ def _stream_at(window: memoryview, start: int, base: int) -> Stream | None:
         base + start,
         length,
         len(data),
+        level=XZ if xz else -1,
         digest=hashlib.blake2b(piece[:length], digest_size=16).digest(),
     )
 
 
-def reproducible(compressed: bytes) -> int:
-    """The zlib level that compresses what ``compressed`` inflates to back to it, or -1.
+def _decoder(xz: bool) -> zlib._Decompress | lzma.LZMADecompressor:
+    if xz:
+        return lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=_XZ_MEMLIMIT)
+    return zlib.decompressobj()
 
-    Only the levels its header's FLEVEL allows are tried (with zlib's
+
+def _inflate(compressed: bytes, level: int) -> bytes:
+    """What a stream inflates to (empty when it does not: the caller compares sizes)."""
+    decoder = _decoder(level >= XZ)
+    try:
+        data = decoder.decompress(compressed, MAX_STREAM_BYTES + 1)
+    except (zlib.error, lzma.LZMAError):
+        return b""
+    return data if decoder.eof and not decoder.unused_data else b""
+
+
+def _compress(data: bytes, level: int) -> bytes:
+    """A stream's bytes made again: zlib at ``level``, or xz by its recipe."""
+    if level < XZ:
+        return zlib.compress(data, level)
+    preset, check, props = _xz_unpack(level)
+    raw = lzma.compress(
+        data,
+        format=lzma.FORMAT_RAW,
+        filters=[{"id": lzma.FILTER_LZMA2, "preset": preset, "dict_size": _xz_dict(props)}],
+    )
+    return _xz_container(raw, data, check, props)
+
+
+def reproducible(compressed: bytes) -> int:
+    """The recipe (``level``) that makes what ``compressed`` inflates to back into it, or -1.
+
+    zlib: only the levels its header's FLEVEL allows are tried (with zlib's
     default window, memory level and strategy, as mksquashfs and most
-    writers use them).
+    writers use them). xz: a stream of one block with both sizes in its
+    header and one LZMA2 filter (as liblzma's buffer encoder writes), a
+    CRC32, SHA-256 or no check, at the presets of :data:`_XZ_PRESETS`.
     """
+    if compressed[:6] == _XZ_MAGIC:
+        return _xz_reproducible(compressed)
     levels = _LEVELS.get(compressed[1], ()) if compressed[:1] == b"\x78" else ()
-    if not levels:
+    data = _inflate(compressed, 0) if levels else b""
+    if not data:
         return -1
-    data = zlib.decompress(compressed)
     for level in levels:
         if zlib.compress(data, level) == compressed:
             return level
     return -1
+
+
+def _xz_reproducible(compressed: bytes) -> int:
+    check, props = compressed[7], _xz_props(compressed)
+    if props is None or check not in _XZ_CHECKS:
+        return -1
+    data = _inflate(compressed, XZ)
+    if not data:
+        return -1
+    for index in range(len(_XZ_PRESETS)):
+        recipe = XZ | props << 8 | check << 3 | index
+        if _compress(data, recipe) == compressed:
+            return recipe
+    return -1
+
+
+def _xz_props(compressed: bytes) -> int | None:
+    """The LZMA2 dictionary byte of an xz stream whose one block header carries both sizes."""
+    raw = bytearray(compressed[12:64])
+    if len(raw) < 2 or raw[1] != 0xC0:  # one filter, compressed and uncompressed sizes
+        return None
+    try:
+        at = 2
+        for _ in range(2):  # the sizes
+            _, at = _get_varint(bytes(raw), at)
+        filter_id, at = _get_varint(bytes(raw), at)
+        size, at = _get_varint(bytes(raw), at)
+    except DeltaError:
+        return None
+    if filter_id != 0x21 or size != 1 or at >= len(raw) or raw[at] > 40:
+        return None
+    return raw[at]
+
+
+def _xz_unpack(recipe: int) -> tuple[int, int, int]:
+    """(preset, check, dictionary byte) of an xz recipe."""
+    return _XZ_PRESETS[recipe & 7], recipe >> 3 & 0x1F, recipe >> 8 & 0xFF
+
+
+def _xz_dict(props: int) -> int:
+    """The dictionary size an LZMA2 dictionary byte stands for (at most 40)."""
+    return (2 | props & 1) << (props // 2 + 11)
+
+
+def _xz_container(raw: bytes, data: bytes, check: int, props: int) -> bytes:
+    """The xz stream of one block of LZMA2 data ``raw`` (of ``data``), as liblzma writes it."""
+    flags = bytes((0, check))
+    header = _XZ_MAGIC + flags + zlib.crc32(flags).to_bytes(4, "little")
+    block = bytearray((0, 0xC0))
+    for value in (len(raw), len(data), 0x21, 1):
+        _put_varint(block, value)
+    block.append(props)
+    block += bytes(-len(block) % 4)
+    block[0] = len(block) // 4  # (header size / 4) - 1, the CRC32 to come included
+    block += zlib.crc32(block).to_bytes(4, "little")
+    if check == 1:
+        check_value = zlib.crc32(data).to_bytes(4, "little")
+    elif check == 10:
+        check_value = hashlib.sha256(data).digest()
+    else:
+        check_value = b""
+    unpadded = len(block) + len(raw) + len(check_value)
+    body = bytes(block) + raw + bytes(-len(raw) % 4) + check_value
+    index = bytearray(1)
+    for value in (1, unpadded, len(data)):
+        _put_varint(index, value)
+    index += bytes(-len(index) % 4)
+    index += zlib.crc32(index).to_bytes(4, "little")
+    backward = (len(index) // 4 - 1).to_bytes(4, "little")
+    footer = zlib.crc32(backward + flags).to_bytes(4, "little") + backward + flags + b"YZ"
+    return header + body + bytes(index) + footer
 
 
 def inflated_size(size: int, streams: Sequence[Stream]) -> int:
@@ -259,7 +385,10 @@ def write_inflated(
         for start in range(position, s.offset, piece):
             write(read(start, min(piece, s.offset - start)))
         if s.length:
-            write(zlib.decompress(read(s.offset, s.length)))
+            data = _inflate(read(s.offset, s.length), s.level)
+            if len(data) != s.size:
+                raise DeltaError(f"the stream at {s.offset} does not inflate as it did")
+            write(data)
         position = s.offset + s.length
 
 
@@ -334,13 +463,28 @@ def parse_table(frame: bytes, count: int, size: int) -> list[Stream]:
         offset = position + gap
         if not 0 < length <= MAX_STREAM_INPUT or not 0 < inflated <= MAX_STREAM_BYTES:
             raise DeltaError(f"stream {i} of a zlib delta has an impossible size")
-        if offset + length > size or level > 9:
+        if offset + length > size:
             raise DeltaError(f"stream {i} of a zlib delta lies outside its payload")
+        if not _known_level(level):
+            raise DeltaError(f"stream {i} of a zlib delta names an unknown codec or level")
         streams.append(Stream(offset, length, inflated, level, source - 1))
         position = offset + length
     if at != len(raw):
         raise DeltaError("a zlib delta's stream table has bytes after its last record")
     return streams
+
+
+def _known_level(level: int) -> bool:
+    """A zlib level, or an xz recipe this module can make (or XZ alone: only inflated)."""
+    if level < XZ:
+        return 0 <= level <= 9
+    index, check, props = level & 7, level >> 3 & 0x1F, level >> 8 & 0xFF
+    return (
+        level >> 16 == 1
+        and index < len(_XZ_PRESETS)
+        and (check in _XZ_CHECKS or level == XZ)
+        and props <= 40
+    )
 
 
 def _put_varint(out: bytearray, value: int) -> None:
@@ -384,12 +528,13 @@ class InflatedView:
         self._starts = array("q")
         self._sources = array("q")
         self._lengths = array("q")
+        self._levels = array("q")
         position = inflated = 0
         for s in streams:
             if s.offset > position:
                 self._segment(inflated, position, 0)
                 inflated += s.offset - position
-            self._segment(inflated, s.offset, s.length)
+            self._segment(inflated, s.offset, s.length, s.level)
             inflated += s.size
             position = s.offset + s.length
         if position < size:
@@ -397,10 +542,11 @@ class InflatedView:
         self._segment(self.size, size, 0)  # the end
         self._cache: OrderedDict[int, bytes] = OrderedDict()
 
-    def _segment(self, start: int, source: int, length: int) -> None:
+    def _segment(self, start: int, source: int, length: int, level: int = 0) -> None:
         self._starts.append(start)
         self._sources.append(source)
         self._lengths.append(length)
+        self._levels.append(level)
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes of the inflated form from ``offset`` (fewer at its end).
@@ -429,12 +575,9 @@ class InflatedView:
             self._cache.move_to_end(k)
             return data
         expected = self._starts[k + 1] - self._starts[k]
-        try:
-            data = zlib.decompress(self._read(self._sources[k], self._lengths[k]))
-        except zlib.error:
-            data = b""
+        data = _inflate(self._read(self._sources[k], self._lengths[k]), self._levels[k])
         if len(data) != expected:
-            raise DeltaError("a zlib stream of the old payload does not inflate as the delta says")
+            raise DeltaError("a stream of the old payload does not inflate as the delta says")
         self._cache[k] = data
         if len(self._cache) > _VIEW_CACHE:
             self._cache.popitem(last=False)
@@ -514,7 +657,7 @@ def deflate_pieces(
                 if target.source >= 0:  # the same compressed bytes as in the old payload
                     item: bytes | Future[bytes] = read_old(target.source, target.length)
                 else:
-                    item = pool.submit(zlib.compress, bytes(pending), target.level)
+                    item = pool.submit(_compress, bytes(pending), target.level)
                     deflating += 1
                 queue.append((position, target.length, item))
                 queued += target.length
@@ -578,7 +721,7 @@ def rebuild(
         header.new_count,
         to_size,
     )
-    if any(s.level or s.source >= 0 for s in old_streams):
+    if any(s.level not in (0, XZ) or s.source >= 0 for s in old_streams):
         raise DeltaError("a zlib delta's old stream table names levels or sources")
     for s in new_streams:
         if s.source >= 0 and s.source + s.length > from_size:

@@ -128,8 +128,8 @@ class DeltaPlan:
                 "bytes": self.pair_delta_bytes,
                 "seconds": self.pair_delta_seconds,
                 "kind": self.pair_delta_kind,
-                "zlib_streams": self.pair_delta_streams[0],
-                "deflated_streams": self.pair_delta_streams[1],
+                "streams": self.pair_delta_streams[0],
+                "recompressed_streams": self.pair_delta_streams[1],
             },
             "product": self.manifest.product,
             "version": self.manifest.version,
@@ -404,8 +404,8 @@ def _print_text(d: DeltaPlan, bundle: Path, seed: Path) -> None:
         summary.add_row("method", "chunks (--pair-delta also measures a delta from the seed)")
     else:
         zlib = (
-            f"; through {d.pair_delta_streams[0]} zlib streams, "
-            f"{d.pair_delta_streams[1]} deflated on the device"
+            f"; through {d.pair_delta_streams[0]} compressed streams, "
+            f"{d.pair_delta_streams[1]} recompressed on the device"
             if d.pair_delta_kind == "zlib"
             else ""
         )

@@ -584,7 +584,7 @@ def _make(ctx: HubContext, job: _Job) -> _Result:
         del old_chunks, chunks
         if made.kind == "zlib":
             log.info(
-                "delta %s %s -> %s (%s): through %d zlib streams, %d deflated on the device",
+                "delta %s %s -> %s (%s): through %d compressed streams, %d made on the device",
                 job.product,
                 job.from_version,
                 job.version,
