@@ -225,8 +225,9 @@ previous_releases = 2
 max_payload_bytes = 4294967296
 # Seconds between two looks for new releases when no delta is pending.
 interval_s = 30
-# Deltas through the inflated blocks of payloads of zlib streams (squashfs with
-# gzip): ten times smaller for a small update; devices deflate the changed blocks.
+# Deltas through the inflated blocks of payloads of zlib or xz streams (squashfs
+# with gzip or xz): ten times smaller for a small update; devices compress the
+# changed blocks again.
 zlib = true
 """
     atomic_write(path, text.encode())
