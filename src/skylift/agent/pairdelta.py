@@ -13,7 +13,7 @@ bytes), downloads it (resumable, its length and SHA-256 as the director
 signed them), and writes the new payload into the inactive slot from it:
 copies of the active slot and literals decompressed against it (through
 the inflated form of both for a zlib delta: a squashfs image compressed with
-gzip, whose changed blocks the device deflates again). Whatever
+gzip or xz, whose changed blocks the device compresses again). Whatever
 the delta says, what is written must hash to the payload's SHA-256 from
 the signed manifest, read back from the slot. Any failure (the slot was
 modified, a corrupt delta, a mismatch) is logged and the updater installs
