@@ -113,7 +113,7 @@ HEADER_SIZE = _HEADER.size
 _CANDIDATE = re.compile(rb"\x78[\x01\x5e\x9c\xda]|\xfd7zXZ\x00")
 #: The levels that write each FLEVEL into the header, most likely first.
 _LEVELS = {0x01: (1, 0), 0x5E: (5, 4, 3, 2), 0x9C: (6,), 0xDA: (9, 8, 7)}
-#: A stream's ``level`` at or above this is an xz stream's (see :func:`_xz_recipe`).
+#: A stream's ``level`` at or above this is an xz stream's recipe (see :func:`_xz_unpack`).
 XZ = 1 << 16
 _XZ_MAGIC = b"\xfd7zXZ\x00"
 #: The liblzma presets tried for an xz stream, in this order (6 is xz's and mksquashfs's).
