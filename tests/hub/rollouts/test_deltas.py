@@ -497,11 +497,11 @@ def test_a_delta_not_smaller_than_the_chunk_plan_is_not_offered(
 
 
 @pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)  # logic, not SQL
-@pytest.mark.parametrize("zlib", [True, False])
+@pytest.mark.parametrize(("compressor", "zlib"), [("gzip", True), ("gzip", False), ("xz", True)])
 def test_a_squashfs_release_gets_a_zlib_delta(
-    hub: Hub, tmp_path: Path, caplog: pytest.LogCaptureFixture, zlib: bool
+    hub: Hub, tmp_path: Path, caplog: pytest.LogCaptureFixture, compressor: str, zlib: bool
 ) -> None:
-    """mksquashfs's gzip blocks: the hub makes the delta through their inflated forms.
+    """mksquashfs's gzip (or xz) blocks: the hub makes the delta through their inflated forms.
 
     Unless ``[deltas] zlib = false``: then a plain delta, several times larger.
     """
@@ -525,7 +525,7 @@ def test_a_squashfs_release_gets_a_zlib_delta(
         image = tmp_path / f"{version}.sqfs"
         subprocess.run(
             [mksquashfs, str(tree), str(image), "-noappend", "-no-progress", "-quiet",
-             "-mkfs-time", "0", "-all-time", "0", "-all-root"],
+             "-mkfs-time", "0", "-all-time", "0", "-all-root", "-comp", compressor],
             check=True, capture_output=True,
         )  # fmt: skip
         images[version] = image.read_bytes()
