@@ -437,6 +437,7 @@ def test_malformed_zlib_deltas_are_one_line_errors(
         (Stream(100, 100, 1000, zstreams.XZ | 4 << 3), "unknown codec or level"),  # CRC64
         (Stream(100, 100, 1000, zstreams.XZ | 1 << 3 | 5), "unknown codec or level"),
         (Stream(100, 100, 1000, zstreams.XZ | 41 << 8 | 1 << 3), "unknown codec or level"),
+        (Stream(100, 100, 1000, zstreams.XZ), "names no recipe"),
         (Stream(100, 100, 1000, 0, source=10**9), "outside the old payload"),
     ],
 )

@@ -445,7 +445,8 @@ def parse_table(frame: bytes, count: int, size: int) -> list[Stream]:
 
     Streams must lie in order inside the payload, inflate to 1 to
     :data:`MAX_STREAM_BYTES` bytes, and be at most :data:`MAX_STREAM_INPUT`
-    long; levels are 0 to 9.
+    long; levels are zlib's 0 to 9, or an xz recipe (:data:`XZ` alone: an
+    xz stream only inflated, never made).
 
     Raises:
         DeltaError: the frame is corrupt, or a record is out of range.
@@ -726,6 +727,8 @@ def rebuild(
     for s in new_streams:
         if s.source >= 0 and s.source + s.length > from_size:
             raise DeltaError("a zlib delta copies a stream from outside the old payload")
+        if s.source < 0 and s.level == XZ:
+            raise DeltaError("a zlib delta's xz stream to be made names no recipe")
     old = InflatedView(read_old, from_size, old_streams)
     inner, ops = plain.read_delta(read)
     if inner.from_size != old.size or inner.to_size != inflated_size(to_size, new_streams):
