@@ -34,6 +34,7 @@ from skylift.chunks.errors import ChunkDataError, IndexCorruptError, IndexTotals
 from skylift.chunks.params import MAX_CHUNK_BYTES
 
 __all__ = [
+    "CHUNK_RECORD_HEAD",
     "CODEC_NONE",
     "CODEC_ZSTD",
     "ENTRIES_PER_PAGE",
@@ -45,6 +46,7 @@ __all__ = [
     "IndexPage",
     "PackedEntries",
     "PageChainVerifier",
+    "chunk_record",
     "compress_index",
     "decode_chunk",
     "decompress_index",
@@ -242,6 +244,17 @@ class PackedEntries(Sequence[ChunkEntry]):
     def total_length(self) -> int:
         """The sum of the chunks' lengths (the payload's size when they tile it)."""
         return sum(self._lengths)
+
+
+#: A chunk in a batch upload (``POST /api/v1/chunks``) starts with this head: its
+#: SHA-256 as 64 lowercase hex digits (ASCII), its codec, the length of its stored
+#: bytes (big-endian); the stored bytes follow.
+CHUNK_RECORD_HEAD = struct.Struct(">64sBI")
+
+
+def chunk_record(hexdigest: str, codec: int, stored: bytes) -> bytes:
+    """One chunk of a batch upload: :data:`CHUNK_RECORD_HEAD`, then ``stored``."""
+    return CHUNK_RECORD_HEAD.pack(hexdigest.encode("ascii"), codec, len(stored)) + stored
 
 
 def encode_chunk(

@@ -41,6 +41,7 @@ from rich.table import Table
 from rich.text import Text
 
 from skylift.bundle import ChunkData, IndexPageData, TrustedKeys, read_body, read_head
+from skylift.chunks.index import chunk_record
 from skylift.cli.common import err, human_size, load_signer, out
 from skylift.errors import UserInputError
 from skylift.fsutil import read_bounded
@@ -310,9 +311,8 @@ def _upload(
 ) -> int:
     """Upload the chunks of ``bundle`` in ``missing`` (each once), in batches; the bytes sent.
 
-    A batch is records of the chunk's hex digest, its codec byte, the length
-    of its stored bytes (4 bytes, big-endian) and those bytes (the hub's
-    ``parse_chunk_batch``).
+    A batch is :func:`skylift.chunks.index.chunk_record` after another (the
+    hub's ``parse_chunk_batch`` reads them).
     """
     left = set(missing)
     batch = bytearray()
@@ -337,11 +337,10 @@ def _upload(
         for event in read_body(f, head):
             if isinstance(event, ChunkData) and event.entry.hexdigest in left:
                 stored = event.stored
-                if count == _BATCH_CHUNKS or len(batch) + 69 + len(stored) > _BATCH_BYTES:
+                record = chunk_record(event.entry.hexdigest, int(event.entry.codec), stored)
+                if count == _BATCH_CHUNKS or len(batch) + len(record) > _BATCH_BYTES:
                     send()
-                batch += event.entry.hexdigest.encode()
-                batch += bytes([int(event.entry.codec)]) + len(stored).to_bytes(4, "big")
-                batch += stored
+                batch += record
                 count += 1
                 sizes += len(stored)
                 left.discard(event.entry.hexdigest)

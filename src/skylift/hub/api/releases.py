@@ -32,7 +32,6 @@ import hashlib
 import io
 import json
 import re
-import struct
 from typing import Any
 
 from sqlalchemy import select
@@ -43,6 +42,7 @@ from starlette.routing import BaseRoute
 from tuf.api.metadata import TargetFile
 
 from skylift.bundle import BundleError, Manifest, TrustedKeys, check_name, read_head
+from skylift.chunks.index import CHUNK_RECORD_HEAD
 from skylift.errors import UserInputError
 from skylift.hub import bandwidth, deltas, web
 from skylift.hub.api.common import (
@@ -84,8 +84,6 @@ MAX_CHUNK_BODY_BYTES = 4 * 1024 * 1024 + 1024
 MAX_BATCH_BODY_BYTES = 16 * 1024 * 1024
 #: ... and holds at most this many chunks.
 MAX_BATCH_CHUNKS = 4096
-#: A batch record's head: 64 lowercase hex digits of the digest, the codec, the length.
-_BATCH_RECORD = struct.Struct(">64sBI")
 #: Targets, head and index pages, base64-encoded.
 MAX_RELEASE_REQUEST_BYTES = 64 * 1024 * 1024
 _MAX_PAYLOADS = 16
@@ -111,10 +109,10 @@ def parse_chunk_batch(body: bytes) -> list[tuple[str, int, bytes]]:
         where = f"chunk record {len(chunks)}"
         if len(chunks) == MAX_BATCH_CHUNKS:
             raise UserInputError(f"a batch holds at most {MAX_BATCH_CHUNKS} chunks")
-        if pos + _BATCH_RECORD.size > len(body):
+        if pos + CHUNK_RECORD_HEAD.size > len(body):
             raise UserInputError(f"{where}: the batch ends inside its header")
-        raw, codec, length = _BATCH_RECORD.unpack_from(body, pos)
-        pos += _BATCH_RECORD.size
+        raw, codec, length = CHUNK_RECORD_HEAD.unpack_from(body, pos)
+        pos += CHUNK_RECORD_HEAD.size
         digest = raw.decode("ascii", "replace")
         if not _DIGEST.fullmatch(digest):
             raise UserInputError(
