@@ -339,6 +339,18 @@ BAD = [
         "[download] reuse_inactive",
         "must be true or false",
     ),
+    (
+        "cache_max_bytes negative",
+        MINIMAL + "\n[download]\ncache_max_bytes = -1\n",
+        "[download] cache_max_bytes",
+        "from 0",
+    ),
+    (
+        "cache_max_bytes not an integer",
+        MINIMAL + '\n[download]\ncache_max_bytes = "32M"\n',
+        "[download] cache_max_bytes",
+        "must be an integer",
+    ),
     ("section not a table", "hooks = 3\n" + MINIMAL, "hooks", "must be a table"),
     ("not toml", MINIMAL + "\n[hub\n", "not valid TOML", ""),
 ]
@@ -386,3 +398,10 @@ def test_deltas_can_be_turned_off() -> None:
     assert config.download.deltas is False
     assert config.download.reuse_inactive is False
     assert config.download.max_gap_bytes == 4096  # the rest keeps its defaults
+
+
+def test_chunk_cache_bound_defaults_to_32_mib_and_0_turns_it_off() -> None:
+    assert parse_config(MINIMAL, base_dir=Path("/etc")).download.cache_max_bytes == 32 << 20
+    for value in (0, 1 << 30):
+        text = MINIMAL + f"\n[download]\ncache_max_bytes = {value}\n"
+        assert parse_config(text, base_dir=Path("/etc")).download.cache_max_bytes == value

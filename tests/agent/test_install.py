@@ -12,10 +12,12 @@ import pytest
 from securesystemslib.signer import CryptoSigner
 
 from bundle.conftest import build, realistic_payload  # tests/ is on sys.path under pytest
+from skylift.agent.chunkcache import ChunkCache
 from skylift.agent.config import SlotConfig
 from skylift.agent.install import (
     ChunkRejectedError,
     InstallError,
+    InstallResult,
     Progress,
     SlotVerifyError,
     apply_plan,
@@ -229,6 +231,72 @@ def test_stale_seed_falls_back_to_the_pack(tmp_path: Path, v2: Release) -> None:
         seed_dev.close()
     assert 0 < result.stale_seed_chunks <= plan.totals.seed_chunks  # zero chunks still match
     assert (tmp_path / "b.img").read_bytes() == V2
+
+
+def _install_with_cache(
+    tmp_path: Path, v2: Release, *, corrupt: ChunkEntry | None = None
+) -> tuple[InstallPlan, InstallResult, FakeHub, list[tuple[bytes, bytes]], set[bytes]]:
+    """Install v2 with every third distinct non-zero chunk in the cache (in reverse order)."""
+    zero = {hashlib.sha256(bytes(e.length)).digest() for e in v2.entries}
+    wanted = {e.digest: e for e in v2.entries if e.digest not in zero}
+    kept = list(wanted.values())[::3]
+    with ChunkCache.open(tmp_path / "cache", 4 << 20) as cache:
+        for e in reversed(kept):
+            cache.add(e.digest, V2[e.offset : e.offset + e.length])
+        if corrupt is not None:
+            with open(tmp_path / "cache" / "data", "r+b") as f:
+                f.seek(cache.chunks[corrupt.digest][0] + corrupt.length // 2)
+                byte = f.read(1)
+                f.seek(-1, io.SEEK_CUR)
+                f.write(bytes([byte[0] ^ 0x20]))
+        plan = make_plan(v2.entries, {}, cached=cache.chunks, max_gap_bytes=0)
+        hub = FakeHub(v2.pack)
+        fetched: list[tuple[bytes, bytes]] = []
+        slot = open_for_install(slot_cfg(tmp_path / "b.img", "B"), plan.size)
+        try:
+            result = apply_plan(
+                plan,
+                fetch_ranges=hub,
+                slot=slot,
+                seed=None,
+                journal=InstallJournal(tmp_path / "j", install_id("x")),
+                cache=cache.reader(),
+                on_fetched=lambda digest, data: fetched.append((digest, data)),
+            )
+        finally:
+            slot.close()
+    return plan, result, hub, fetched, {e.digest for e in kept}
+
+
+def test_cached_chunks_are_copied_and_only_the_rest_fetched(tmp_path: Path, v2: Release) -> None:
+    plan, result, hub, fetched, kept = _install_with_cache(tmp_path, v2)
+    assert (tmp_path / "b.img").read_bytes() == V2
+    cached_steps = plan.steps_from(Source.CACHE)
+    assert {s.entry.digest for s in cached_steps} == kept
+    assert result.cache_chunks == len(cached_steps) == plan.totals.cache_chunks > 0
+    assert result.cache_bytes == plan.totals.cache_bytes
+    assert result.stale_cache_chunks == 0
+    assert not ordinals_in(v2, hub.asked) & {s.ordinal for s in cached_steps}
+    # on_fetched saw exactly the chunks fetched, decoded, in target order.
+    assert fetched == [
+        (s.entry.digest, V2[s.entry.offset : s.entry.offset + s.entry.length])
+        for s in plan.steps_from(Source.PACK)
+    ]
+    assert result.fetched_chunks == len(fetched)
+
+
+def test_a_corrupt_cached_chunk_is_fetched_instead(tmp_path: Path, v2: Release) -> None:
+    clean = _install_with_cache(tmp_path / "clean", v2)[0]
+    victim_step = clean.steps_from(Source.CACHE)[1]
+    victim = victim_step.entry
+    plan, result, hub, fetched, _ = _install_with_cache(tmp_path / "bad", v2, corrupt=victim)
+    assert (tmp_path / "bad" / "b.img").read_bytes() == V2
+    assert result.stale_cache_chunks == 1
+    assert result.cache_chunks == plan.totals.cache_chunks - 1
+    assert result.cache_bytes == plan.totals.cache_bytes - victim.length
+    wanted = [s.entry.digest for s in plan.steps_from(Source.PACK)]
+    assert sorted(d for d, _ in fetched) == sorted([*wanted, victim.digest])
+    assert victim_step.ordinal in ordinals_in(v2, hub.asked)
 
 
 def test_hub_answering_other_ranges_is_refused(tmp_path: Path, v2: Release) -> None:

@@ -162,6 +162,36 @@ def test_resume_skips_verified_chunks() -> None:
     assert plan.totals.fetch_bytes < full.totals.fetch_bytes
 
 
+def test_cached_chunks_come_after_the_seed_and_before_everything_else() -> None:
+    entries, _offsets = index_of(V2)
+    seed = seed_index(io.BytesIO(V1), PARAMS, len(V1))
+    fetched = make_plan(entries, seed).steps_from(Source.PACK)
+    assert len(fetched) >= 2
+    in_seed = next(e for e in entries if e.digest in seed)
+    only_cached = fetched[0].entry
+    cached = {
+        in_seed.digest: (5_000, in_seed.length),
+        only_cached.digest: (123, only_cached.length),
+        fetched[1].entry.digest: (0, fetched[1].entry.length - 1),  # another length: not it
+    }
+    plan = make_plan(entries, seed, cached=cached)
+    by_ordinal = {s.ordinal: s for s in plan.steps}
+    steps = [s for s in plan.steps if s.entry.digest == in_seed.digest]
+    assert steps and all(s.source is Source.SEED for s in steps)
+    (from_cache,) = plan.steps_from(Source.CACHE)
+    assert from_cache.entry == only_cached and from_cache.source_offset == 123
+    assert by_ordinal[fetched[1].ordinal].source is Source.PACK
+    # The cache wins over the pack, not over what is already in place.
+    skipped = make_plan(entries, seed, cached=cached, verified={fetched[0].ordinal})
+    assert not skipped.steps_from(Source.CACHE)
+    t, before = plan.totals, make_plan(entries, seed).totals
+    assert (t.cache_chunks, t.cache_bytes) == (1, only_cached.length)
+    assert t.fetch_chunks == before.fetch_chunks - 1
+    assert t.fetch_bytes == before.fetch_bytes - only_cached.length
+    assert t.download_bytes < before.download_bytes
+    assert t.seed_chunks == before.seed_chunks
+
+
 def test_resume_rejects_ordinals_outside_the_index() -> None:
     entries, _offsets = index_of(V1[:100_000])
     with pytest.raises(PlanError, match="journal names chunks"):
@@ -239,9 +269,12 @@ def test_pack_offsets_are_the_running_sum_of_the_chunk_objects() -> None:
 
 
 def _list_form_steps(
-    entries: list[ChunkEntry], seed: dict[bytes, tuple[int, int]], skipped: set[int]
+    entries: list[ChunkEntry],
+    seed: dict[bytes, tuple[int, int]],
+    skipped: set[int],
+    cached: dict[bytes, tuple[int, int]],
 ) -> list[ChunkStep]:
-    """The steps as make_plan built them, one object each, before the plan was packed."""
+    """The steps as make_plan builds them, one object each (as before the plan was packed)."""
     offsets = [0]
     for e in entries:
         offsets.append(offsets[-1] + 1 + e.stored_length)
@@ -253,8 +286,11 @@ def _list_form_steps(
             first_in_target.setdefault(e.digest, e.offset)
             continue
         hit = seed.get(e.digest)
+        kept = cached.get(e.digest)
         if hit is not None and hit[1] == e.length:
             steps.append(ChunkStep(i, e, Source.SEED, hit[0], pack))
+        elif kept is not None and kept[1] == e.length:
+            steps.append(ChunkStep(i, e, Source.CACHE, kept[0], pack))
         elif e.digest in first_in_target:
             steps.append(ChunkStep(i, e, Source.TARGET, first_in_target[e.digest], pack))
         else:
@@ -303,7 +339,14 @@ def test_packed_steps_are_the_steps_of_the_list_form(
     payload, entries, pages = real_v3
     seed = seed_index(io.BytesIO(V1), PARAMS, len(V1))
     skipped = {3, 4, 5, len(entries) - 1, *range(20, len(entries), 9)}
-    expected = _list_form_steps(entries, seed, skipped)
+    # Every fifth chunk (some of them in the seed too), but no chunk of zeros; one length wrong.
+    cached = {
+        e.digest: (7 + 1000 * k, e.length)
+        for k, e in enumerate(entries[::5])
+        if e.digest != hashlib.sha256(bytes(e.length)).digest()
+    }
+    cached[entries[1].digest] = (0, entries[1].length + 1)
+    expected = _list_form_steps(entries, seed, skipped, cached)
     # A case where a field mixed up would show: every source; ordinals that are not
     # positions; seed offsets that are not target offsets; pack ranges of compressed chunks.
     assert {s.source for s in expected} == set(Source)
@@ -316,7 +359,7 @@ def test_packed_steps_are_the_steps_of_the_list_form(
 
     verified = OrdinalRanges((i, i + 1) for i in skipped)  # as the journal hands it over
     for index in (verify_index(payload, pages), entries):
-        plan = make_plan(index, seed, verified=verified)
+        plan = make_plan(index, seed, verified=verified, cached=cached)
         steps = plan.steps
         assert isinstance(steps, PlanSteps)
         assert len(steps) == len(expected)
@@ -366,6 +409,7 @@ def test_packed_steps_are_the_steps_of_the_list_form(
             sum(by[Source.TARGET]),
         )
         assert (t.fetch_chunks, t.fetch_bytes) == (len(by[Source.PACK]), sum(by[Source.PACK]))
+        assert (t.cache_chunks, t.cache_bytes) == (len(by[Source.CACHE]), sum(by[Source.CACHE]))
         assert (t.skipped_chunks, t.skipped_bytes) == (
             len(skipped),
             sum(entries[i].length for i in skipped),
@@ -376,4 +420,7 @@ def test_packed_steps_are_the_steps_of_the_list_form(
         assert list(plan.requests) == requests
         assert t.requests == len(requests)
         assert t.download_bytes == sum(r.length for q in requests for r in q.ranges)
-    assert make_plan(entries, seed).steps == make_plan(PackedEntries(entries), seed).steps
+    assert (
+        make_plan(entries, seed, cached=cached).steps
+        == make_plan(PackedEntries(entries), seed, cached=cached).steps
+    )

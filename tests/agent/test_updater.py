@@ -287,6 +287,53 @@ def test_mark_bad_on_trial_rolls_back_and_mark_good_commits(
     assert dev2.reports("committed")
 
 
+# -- the chunk cache: what a rolled-back release downloaded serves the next one -------------
+
+
+def test_chunks_of_a_rolled_back_release_are_not_downloaded_again(
+    tmp_path: Path, signer: CryptoSigner, release_v2: Published
+) -> None:
+    # 3.0.0 is 2.0.0 with a fix near its start: every later chunk moved (content-defined
+    # chunking), so the inactive slot, which still holds 2.0.0, holds few of them in place.
+    v3 = V2[:1000] + b"the fix" * 40 + V2[1000:]
+    release_v3 = publish(
+        build_bundle(signer, "3.0.0", {"rootfs": v3}), TrustedKeys((signer.public_key,))
+    )
+    served: dict[str, int] = {}
+    for mode in ("cache", "no cache"):
+        root = tmp_path / mode.replace(" ", "-")
+        root.mkdir()
+        dev = make_device(root, release_v2, hooks={"health_check": "exit 1"})
+        cache_dir = root / "state" / "chunk-cache"
+        if mode == "no cache":
+            hooks = {"health_check": root / "hooks" / "health_check"}
+            text = agent_toml(root, hooks=hooks) + "\n[download]\ncache_max_bytes = 0\n"
+            dev.config = parse_config(text, base_dir=root)
+        update_to_reboot(dev)  # 2.0.0
+        assert dev.updater().run_once().action is Action.ROLL_BACK
+        assert dev.updater().run_once().state is State.IDLE
+        assert dev.reports("rolled_back") and dev.board.current() == "A"
+        if mode == "cache":
+            assert (cache_dir / "data").stat().st_size > 0
+        else:
+            assert not cache_dir.exists()
+
+        (root / "hooks" / "health_check").write_text("#!/bin/sh\nexit 0\n")
+        dev.hub.release = release_v3
+        before = dev.hub.bytes_served
+        update_to_reboot(dev)  # 3.0.0
+        served[mode] = dev.hub.bytes_served - before
+        assert dev.slot("B") == v3
+        (installed,) = [r for r in dev.reports("installed") if r["details"]["version"] == "3.0.0"]
+        assert installed["details"]["downloaded_bytes"] == served[mode]
+        assert dev.updater().run_once().state is State.IDLE
+        assert dev.reports("committed")
+        # Committed: its chunks are the next install's seed; the cache is emptied.
+        assert not any(p.stat().st_size for p in cache_dir.glob("*"))
+    assert served["no cache"] > 100_000  # what 1.0.0 lacks, again
+    assert served["cache"] < served["no cache"] // 4
+
+
 # -- refusals: failed with the reason, the running system untouched --------------------
 
 

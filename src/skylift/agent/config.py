@@ -172,6 +172,8 @@ class DownloadConfig:
     deltas: bool = True  # use a per-pair delta the director names (skylift.agent.pairdelta)
     #: Keep the chunks the inactive slot already holds where the payload puts them.
     reuse_inactive: bool = True
+    #: Bound on the local chunk cache (skylift.agent.chunkcache); 0 turns it off.
+    cache_max_bytes: int = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -431,6 +433,7 @@ class _Parser:
             max_range_bytes=t.integer("max_range_bytes", 4 * _MIB, low=_MIB, high=256 * _MIB),
             deltas=t.flag("deltas", True),
             reuse_inactive=t.flag("reuse_inactive", True),
+            cache_max_bytes=t.integer("cache_max_bytes", 32 * _MIB, low=0, high=_GIB),
         )
         t.done()
         return download

@@ -2,11 +2,12 @@
 
 :func:`apply_plan` never writes a byte it has not verified against the
 signed index: a downloaded chunk is decoded and its digest checked first, a
-seed copy is hashed first (a seed that changed since it was indexed falls
-back to the pack). Verified chunks are journaled only after the slot was
-synced, so an interrupted install resumes without fetching them again. At
-the end the whole slot is read back and every chunk checked: only then may
-the caller make the slot bootable.
+seed or cache copy is hashed first (a seed that changed since it was
+indexed, or cache bytes torn by a power cut, fall back to the pack).
+Verified chunks are journaled only after the slot was synced, so an
+interrupted install resumes without fetching them again. At the end the
+whole slot is read back and every chunk checked: only then may the caller
+make the slot bootable.
 
 Memory stays bounded whatever the image size: one fetched range (at most
 ``max_range_bytes`` of the plan, or one chunk object) and one decoded chunk
@@ -98,6 +99,9 @@ class InstallResult:
     stale_seed_chunks: int
     downloaded_bytes: int
     verified_bytes: int
+    cache_chunks: int = 0  # copied from the chunk cache (stale ones left out)
+    cache_bytes: int = 0
+    stale_cache_chunks: int = 0
 
 
 def apply_plan(
@@ -110,14 +114,20 @@ def apply_plan(
     on_progress: Callable[[Progress], None] | None = None,
     payload_sha256: str | None = None,
     max_gap_bytes: int = 64 * 1024,
+    cache: SlotDevice | None = None,
+    on_fetched: Callable[[bytes, bytes], None] | None = None,
 ) -> InstallResult:
     """Write ``plan``'s target image into ``slot`` and verify all of it.
 
     ``slot`` is the inactive slot, opened for the image's size; ``seed`` the
-    active slot (None if the plan copies nothing from it). ``payload_sha256``
-    (the manifest's digest of the whole payload) is checked in the final
-    read-back when given. ``max_gap_bytes`` coalesces the extra downloads of
-    stale seed chunks.
+    active slot (None if the plan copies nothing from it); ``cache`` the
+    chunk cache's reader (:meth:`~skylift.agent.chunkcache.ChunkCache.reader`;
+    None: its chunks are fetched). ``payload_sha256`` (the manifest's digest
+    of the whole payload) is checked in the final read-back when given.
+    ``max_gap_bytes`` coalesces the extra downloads of stale seed and cache
+    chunks. ``on_fetched(digest, data)`` is called with each chunk fetched
+    from the pack, decoded, once it was verified and written (to keep it in
+    the cache).
 
     Raises:
         ChunkRejectedError: a fetched chunk is corrupt (nothing of it written or journaled).
@@ -127,24 +137,28 @@ def apply_plan(
         Any error of ``fetch_ranges`` (transport) is passed through, after
         what was verified so far has been journaled.
     """
-    run = _Run(plan, fetch_ranges, slot, journal, on_progress)
+    run = _Run(plan, fetch_ranges, slot, journal, on_progress, on_fetched)
     with contextlib.closing(run.workers):
-        return _apply(run, plan, seed, payload_sha256, max_gap_bytes)
+        return _apply(run, plan, seed, cache, payload_sha256, max_gap_bytes)
 
 
 def _apply(
     run: _Run,
     plan: InstallPlan,
     seed: SlotDevice | None,
+    cache: SlotDevice | None,
     payload_sha256: str | None,
     max_gap_bytes: int,
 ) -> InstallResult:
     try:
         stale = run.copy(Source.SEED, seed)
+        stale_cache = run.copy(Source.CACHE, cache)
         requests = list(plan.requests)
-        if stale:
-            requests += coalesce([s.pack_range for s in stale], max_gap_bytes=max_gap_bytes)
-        run.fetch(requests, plan.steps.select(Source.PACK, also=stale))
+        if stale or stale_cache:
+            requests += coalesce(
+                [s.pack_range for s in stale + stale_cache], max_gap_bytes=max_gap_bytes
+            )
+        run.fetch(requests, plan.steps.select(Source.PACK, also=stale + stale_cache))
         run.copy(Source.TARGET, run.slot)
     except BaseException:
         run.checkpoint_quietly()
@@ -158,6 +172,9 @@ def _apply(
         stale_seed_chunks=len(stale),
         downloaded_bytes=run.downloaded,
         verified_bytes=verified,
+        cache_chunks=plan.totals.cache_chunks - len(stale_cache),
+        cache_bytes=plan.totals.cache_bytes - sum(s.entry.length for s in stale_cache),
+        stale_cache_chunks=len(stale_cache),
     )
 
 
@@ -169,8 +186,10 @@ class _Run:
         slot: SlotDevice,
         journal: InstallJournal,
         on_progress: Callable[[Progress], None] | None,
+        on_fetched: Callable[[bytes, bytes], None] | None = None,
     ) -> None:
         self.plan = plan
+        self.on_fetched = on_fetched
         self.fetch_ranges = fetch_ranges
         self.slot = slot
         self.journal = journal
@@ -286,7 +305,10 @@ class _Run:
                 for step, stored in chunks_in(rng, data, starts, by_start):
                     if received[step.ordinal]:
                         continue  # fetched again inside the gap of a later range
-                    self.write(step, decode_object(step.entry, stored, self.decompressor))
+                    chunk = decode_object(step.entry, stored, self.decompressor)
+                    self.write(step, chunk)
+                    if self.on_fetched is not None:
+                        self.on_fetched(step.entry.digest, chunk)
                     received[step.ordinal] = 1
                     count += 1
                     self.fetched += 1

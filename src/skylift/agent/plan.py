@@ -10,13 +10,15 @@ Plan, then execute. The plan is data, computed from
   (:func:`pack_offsets`; the hub's unsigned ``.offsets`` table is not needed),
 - the seed: the active slot of the same class, cut with the payload's own
   chunking parameters (:func:`seed_index`),
-- the chunks an interrupted install already wrote and verified (the journal).
+- the chunks an interrupted install already wrote and verified (the journal),
+- the chunks the agent's local cache keeps from installs that did not stay
+  (:mod:`skylift.agent.chunkcache`).
 
-Each chunk is then copied from the seed, copied from an earlier chunk of the
-target with the same digest (zero blocks repeat a lot), or fetched from the
-pack; fetches are coalesced into few byte ranges and few HTTP requests. The
-executor (:mod:`skylift.agent.install`) verifies every chunk before it
-writes it, whatever its source.
+Each chunk is then copied from the seed, copied from the cache, copied from
+an earlier chunk of the target with the same digest (zero blocks repeat a
+lot), or fetched from the pack; fetches are coalesced into few byte ranges
+and few HTTP requests. The executor (:mod:`skylift.agent.install`)
+verifies every chunk before it writes it, whatever its source.
 
 Packed, as the index is: a step is kept as its ordinal, source and source
 offset (13 bytes, :class:`PlanSteps`) and built into a :class:`ChunkStep` on
@@ -84,6 +86,7 @@ class Source(Enum):
     SEED = "seed"  # the active slot, at ``source_offset``
     TARGET = "target"  # the slot being written, an earlier chunk at ``source_offset``
     PACK = "pack"  # downloaded: ``pack_range`` of the release's pack
+    CACHE = "cache"  # the agent's chunk cache, at ``source_offset`` of its data file
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -146,11 +149,13 @@ class PlanTotals:
     fetch_bytes: int  # chunk bytes downloaded, uncompressed
     download_bytes: int  # bytes of the HTTP ranges, gaps included
     requests: int
+    cache_chunks: int = 0
+    cache_bytes: int = 0
 
 
 #: How a step's source is kept in :class:`PlanSteps`: one byte a step, indexing ``_SOURCES``.
-_SEED, _TARGET, _PACK = range(3)
-_SOURCES = (Source.SEED, Source.TARGET, Source.PACK)
+_SEED, _TARGET, _PACK, _CACHE = range(4)
+_SOURCES = (Source.SEED, Source.TARGET, Source.PACK, Source.CACHE)
 _SOURCE_CODES = {source: code for code, source in enumerate(_SOURCES)}
 
 
@@ -450,6 +455,7 @@ def make_plan(
     seed: Mapping[bytes, tuple[int, int]],
     *,
     verified: Collection[int] = frozenset(),
+    cached: Mapping[bytes, tuple[int, int]] | None = None,
     max_gap_bytes: int = DEFAULT_MAX_GAP_BYTES,
     max_ranges_per_request: int = DEFAULT_MAX_RANGES_PER_REQUEST,
     max_range_bytes: int = DEFAULT_MAX_RANGE_BYTES,
@@ -458,7 +464,9 @@ def make_plan(
 
     ``entries`` is the verified index; ``seed`` from :func:`seed_index`;
     ``verified`` the ordinals an interrupted install already wrote and
-    verified, which are left out.
+    verified, which are left out; ``cached`` the chunk cache's
+    ``{digest: (offset, length)}``. The first that has a chunk gives it:
+    verified, seed, cache, an earlier chunk of the target, the pack.
 
     Raises:
         PlanError: a verified ordinal is out of range.
@@ -471,8 +479,9 @@ def make_plan(
         raise PlanError("the install journal names chunks the index does not have")
     steps = PlanSteps(packed, offsets)
     first_in_target: dict[bytes, int] = {}  # digest -> offset of its first fetched copy
-    chunks = [0, 0, 0]  # per source code
-    nbytes = [0, 0, 0]
+    cache = cached or None
+    chunks = [0] * len(_SOURCES)  # per source code
+    nbytes = [0] * len(_SOURCES)
     skipped_bytes = 0
     for i, (offset, length, _, _, digest) in enumerate(packed.iter_fields()):
         if i in skipped:
@@ -480,8 +489,11 @@ def make_plan(
             skipped_bytes += length
             continue
         hit = seed.get(digest)
+        kept = cache.get(digest) if cache is not None else None
         if hit is not None and hit[1] == length:
             code, source_offset = _SEED, hit[0]
+        elif kept is not None and kept[1] == length:
+            code, source_offset = _CACHE, kept[0]
         elif digest in first_in_target:
             code, source_offset = _TARGET, first_in_target[digest]
         else:
@@ -516,6 +528,8 @@ def make_plan(
         fetch_bytes=nbytes[_PACK],
         download_bytes=sum(r.length for req in requests for r in req.ranges),
         requests=len(requests),
+        cache_chunks=chunks[_CACHE],
+        cache_bytes=nbytes[_CACHE],
     )
     return InstallPlan(
         size=size,

@@ -21,12 +21,13 @@ download         fetch and verify the bundle head, every payload's index pages
                  ``<state_dir>/update``; post DOWNLOADED
 install          pre-install hook; mark the inactive slot bad; per payload: seed
                  from the active slot, plan, :func:`~skylift.agent.install.apply_plan`
-                 fetching missing chunks from the hub, journal in the state dir;
-                 post WRITTEN
+                 copying from the chunk cache and fetching missing chunks from the
+                 hub (kept in the cache), journal in the state dir; post WRITTEN
 schedule_reboot  post-install hook; report installed; post REBOOT
 reboot           ``try_once`` the new slot; reboot
 health_check     (new slot) the health-check hook; HEALTH_OK or HEALTH_FAILED
-commit           (new slot) ``mark_good``; report committed; back to idle
+commit           (new slot) ``mark_good``; report committed; empty the chunk
+                 cache; back to idle
 roll_back        (new slot) ``mark_bad`` it; reboot into the old slot
 report           (old slot) on-rollback hook after a rollback; report
                  rolled_back or failed with the reason; back to idle
@@ -70,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from skylift.agent.bootloader import Bootloader, BootloaderError, SimulatedBootloader
+from skylift.agent.chunkcache import CACHE_DIR, ChunkCache, clear_cache
 from skylift.agent.config import AgentConfig, SlotConfig
 from skylift.agent.dirslot import install_directory
 from skylift.agent.errors import (
@@ -1315,6 +1317,7 @@ class Updater:
         download = self.config.download
         journal = self._journal(record, update, payload)
         seed_dev = _open_seed(pair.active)
+        cache = self._open_cache()
         try:
             seed = {}
             if seed_dev is not None:
@@ -1328,6 +1331,7 @@ class Updater:
                 entries,
                 seed,
                 verified=self._held(pair.inactive, entries, journal.verified),
+                cached=None if cache is None else cache.chunks,
                 max_gap_bytes=download.max_gap_bytes,
                 max_ranges_per_request=download.max_ranges_per_request,
                 max_range_bytes=download.max_range_bytes,
@@ -1344,13 +1348,35 @@ class Updater:
                     on_progress=progress,
                     payload_sha256=payload.sha256,
                     max_gap_bytes=download.max_gap_bytes,
+                    cache=None if cache is None else cache.reader(),
+                    on_fetched=None if cache is None else cache.add,
                 )
             finally:
                 slot.close()
+            if result.cache_chunks:
+                _log.info(
+                    "payload %s: %d chunks (%d bytes) copied from the chunk cache",
+                    payload.name,
+                    result.cache_chunks,
+                    result.cache_bytes,
+                )
             return result.downloaded_bytes
         finally:
+            if cache is not None:
+                cache.close()
             if seed_dev is not None:
                 seed_dev.close()
+
+    def _open_cache(self) -> ChunkCache | None:
+        """The chunk cache, or None when it is off or cannot be opened (nothing is kept)."""
+        max_bytes = self.config.download.cache_max_bytes
+        if not max_bytes:
+            return None
+        try:
+            return ChunkCache.open(self._state_dir / CACHE_DIR, max_bytes)
+        except OSError as e:
+            _log.warning("installing without the chunk cache: %s", e.strerror or e)
+            return None
 
     def _held(
         self, slot: SlotConfig, entries: PackedEntries, verified: OrdinalRanges
@@ -1481,6 +1507,8 @@ class Updater:
         )
         record = self._advance(record, Event.REPORTED, extra=extra)
         self._forget_update()
+        # The release's chunks are in the active slot now, the next install's seed.
+        clear_cache(self._state_dir / CACHE_DIR)
         self._deliver()
         return StepOutcome(Action.COMMIT, record.state)
 
