@@ -61,7 +61,7 @@ def _apply_plan(bundle: str, seed: str, pack: str, index: str, work: str) -> Non
     (payload,) = manifest.payloads
     entries = verified_entries(payload, Path(index).read_bytes())
     with open(seed, "rb") as s:
-        seeds = seed_index(s, payload.chunking, payload.size, wanted=entries.digest_set())
+        seeds = seed_index(s, payload.chunking, payload.size, wanted=entries.digest_table())
     plan = make_plan(entries, seeds)
     del seeds
     planned = time.perf_counter()

@@ -150,7 +150,7 @@ def _install(args: argparse.Namespace, peaks: _Peaks) -> dict[str, Any]:
     from skylift.agent.hubclient import HubClient
     from skylift.agent.install import Progress, apply_plan
     from skylift.agent.journal import InstallJournal, install_id
-    from skylift.agent.plan import ByteRange, make_plan, seed_index
+    from skylift.agent.plan import ByteRange, SeedIndex, make_plan, seed_index
     from skylift.agent.slots import SlotReader, open_for_install, open_for_reading, slot_pair
     from skylift.bundle import Manifest, read_head
 
@@ -187,13 +187,13 @@ def _install(args: argparse.Namespace, peaks: _Peaks) -> dict[str, Any]:
 
         pair = slot_pair(config, payload.slot_class, args.booted)
         seed_dev = open_for_reading(pair.active) if args.seed else None
-        seed = {}
+        seed = SeedIndex()
         if seed_dev is not None:
             seed = seed_index(
                 SlotReader(seed_dev),
                 payload.chunking,
                 payload.size,
-                wanted=entries.digest_set(),
+                wanted=entries.digest_table(),
             )
         lap("seed index")
         download = config.download

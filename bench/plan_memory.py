@@ -15,10 +15,10 @@ the updater runs, with the agent's own functions:
 
 - ``index``: the index pages read from a file and verified by the updater's
   ``verify_index`` (the entries in the agent's form);
-- ``seed``: ``wanted = entries.digest_set()`` as the updater builds it
-  for ``seed_index``, and a synthetic seed dict (the zero block and 95 % of
-  the distinct chunks, restricted to ``wanted``, as ``seed_index`` returns it;
-  the active slot is not cut here);
+- ``seed``: ``wanted = entries.digest_table()`` as the updater builds it
+  for ``seed_index``, and a synthetic ``SeedIndex`` (the zero block and 95 %
+  of the distinct chunks, restricted to ``wanted``, as ``seed_index``
+  returns it; the active slot is not cut here);
 - ``plan``: ``make_plan(entries, seed, verified=journal.verified)``;
 - ``apply`` (unless ``--no-apply``): ``apply_plan`` into a file slot, seeded
   from a file that holds the seed's chunks, with an in-memory pack fetcher
@@ -249,7 +249,7 @@ def _child(where: Path, variant: str, trace: bool) -> None:
 
     from skylift.agent.install import apply_plan
     from skylift.agent.journal import InstallJournal, install_id
-    from skylift.agent.plan import ByteRange, make_plan
+    from skylift.agent.plan import ByteRange, SeedIndex, make_plan
     from skylift.agent.updater import verify_index
 
     meta = json.loads(sys.stdin.read())
@@ -293,13 +293,14 @@ def _child(where: Path, variant: str, trace: bool) -> None:
 
     entries = verify_index(payload, (where / "index").read_bytes())
     stage("index")
-    seed = {}
+    seed = SeedIndex()
     if variant != "fresh":  # without a seed device the updater cuts no seed
-        wanted = entries.digest_set()  # as the updater builds it for seed_index
+        wanted = entries.digest_table()  # as the updater builds it for seed_index
+        seed = SeedIndex(expected=len(wanted))
         for i in seeded:
             digest = entries[i].digest
             if digest in wanted:
-                seed[digest] = (i * _BLOCK, _BLOCK)
+                seed.add(digest, i * _BLOCK, _BLOCK)
         del wanted
     del seeded
     stage("seed")

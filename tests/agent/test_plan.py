@@ -71,6 +71,25 @@ def test_seeded_plan_downloads_only_the_changed_chunks() -> None:
     assert t.requests == 1
 
 
+def test_seed_index_keeps_the_first_of_repeated_chunks_whatever_the_wanted_form() -> None:
+    image = realistic_payload(200_000, seed=5) + bytes(40_960) + realistic_payload(9000, seed=6)
+    entries, _offsets = index_of(image, ChunkingParams.fixed(4096))
+    packed = PackedEntries(entries)
+    zero = hashlib.sha256(bytes(4096)).digest()
+    by_table = seed_index(io.BytesIO(image), ChunkingParams.fixed(4096), len(image),
+                          wanted=packed.digest_table())  # fmt: skip
+    by_set = seed_index(io.BytesIO(image), ChunkingParams.fixed(4096), len(image),
+                        wanted=packed.digest_set())  # fmt: skip
+    assert by_table == by_set == {e.digest: (e.offset, e.length) for e in reversed(entries)}
+    assert len(by_table) == len(packed.digest_set()) < len(entries)  # the zeros, once
+    first_zero = next(e.offset for e in entries if e.digest == zero)
+    assert by_table[zero] == (first_zero, 4096) and by_table.get(zero) == (first_zero, 4096)
+    missing = hashlib.sha256(b"not in the image").digest()
+    assert missing not in by_table and by_table.get(missing) is None
+    with pytest.raises(KeyError):
+        by_table[missing]
+
+
 def test_unseeded_plan_fetches_everything_once_and_copies_repeats() -> None:
     image = realistic_payload(400_000, seed=3) + bytes(300_000)  # zero chunks repeat
     entries, _offsets = index_of(image, ChunkingParams.fixed(4096))

@@ -63,6 +63,7 @@ from skylift.agent.plan import (
     ChunkStep,
     InstallPlan,
     PlanTotals,
+    SeedIndex,
     Source,
     coalesce,
     make_plan,
@@ -973,9 +974,11 @@ def install_directory(
     try:
         packed = entries if isinstance(entries, PackedEntries) else PackedEntries(entries)
         found = (
-            seed_index(SlotReader(seed), payload.chunking, payload.size, wanted=packed.digest_set())
+            seed_index(
+                SlotReader(seed), payload.chunking, payload.size, wanted=packed.digest_table()
+            )
             if seed is not None
-            else {}
+            else SeedIndex()
         )
         plan = make_plan(
             packed,

@@ -40,6 +40,7 @@ from typing import Any, overload
 
 from skylift.chunks import ChunkEntry, ChunkingParams, PackedEntries, iter_chunks
 from skylift.chunks.chunker import Readable
+from skylift.chunks.digests import DigestTable
 from skylift.errors import SkyliftError
 
 __all__ = [
@@ -72,8 +73,47 @@ DEFAULT_MAX_RANGE_BYTES = 4 * 1024 * 1024
 #: A pack object: the codec byte, then the stored bytes (skylift.hub.content).
 PACK_OBJECT_OVERHEAD = 1
 
-#: digest -> (offset, length) of one chunk with that content in the seed.
-SeedIndex = dict[bytes, tuple[int, int]]
+
+class SeedIndex(Mapping[bytes, tuple[int, int]]):
+    """digest -> (offset, length) of the first chunk with that content in the seed.
+
+    Packed: a :class:`~skylift.chunks.digests.DigestTable` and two arrays,
+    about 52 bytes a chunk where a dict of tuples cost about 190 (24 MiB for
+    a 512 MiB image in 4 KiB blocks, the peak of an agent's install:
+    bench/plan_memory.py).
+    """
+
+    __slots__ = ("_digests", "_lengths", "_offsets")
+
+    def __init__(self, expected: int = 0) -> None:
+        self._digests = DigestTable(expected=expected)
+        self._offsets = array("Q")
+        self._lengths = array("I")
+
+    def add(self, digest: bytes, offset: int, length: int) -> None:
+        """Record a chunk of the seed, unless one with that digest was recorded before."""
+        if self._digests.add(digest) == len(self._offsets):
+            self._offsets.append(offset)
+            self._lengths.append(length)
+
+    def get(self, digest: bytes, default: Any = None) -> Any:
+        n = self._digests.find(digest)
+        return default if n < 0 else (self._offsets[n], self._lengths[n])
+
+    def __getitem__(self, digest: bytes) -> tuple[int, int]:
+        n = self._digests.find(digest)
+        if n < 0:
+            raise KeyError(digest)
+        return self._offsets[n], self._lengths[n]
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._digests
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._digests)
 
 
 class PlanError(SkyliftError):
@@ -415,21 +455,19 @@ def seed_index(
     """Cut the first ``length`` bytes of the active slot as the payload was cut.
 
     Returns ``{digest: (offset, length)}`` (the first occurrence of each
-    digest). With ``wanted``, only those digests are kept, which bounds the
-    memory to the target's chunks rather than the seed's. A seed shorter
+    digest). With ``wanted`` (best a :class:`~skylift.chunks.digests.DigestTable`:
+    :meth:`~skylift.chunks.index.PackedEntries.digest_table`), only those
+    digests are kept, which bounds the memory to the target's chunks rather
+    than the seed's. A seed shorter
     than ``length`` is cut as far as it goes.
     """
-    index: SeedIndex = {}
-    last = 0  # the previous length, kept as one int object that fixed blocks all share
+    index = SeedIndex(expected=0 if wanted is None else len(wanted))
     offset = 0
     for chunk in iter_chunks(_Bounded(active_slot_reader, length), params):
         n = len(chunk)
-        if n == last:
-            n = last
-        last = n
         digest = hashlib.sha256(chunk).digest()
-        if (wanted is None or digest in wanted) and digest not in index:
-            index[digest] = (offset, n)
+        if wanted is None or digest in wanted:
+            index.add(digest, offset, n)
         offset += n
     return index
 
@@ -478,14 +516,15 @@ def make_plan(
     if any(not 0 <= i < len(packed) for i in skipped):
         raise PlanError("the install journal names chunks the index does not have")
     steps = PlanSteps(packed, offsets)
-    first_in_target: dict[bytes, int] = {}  # digest -> offset of its first fetched copy
+    # digest -> offset of its first copy written (fetched, or verified before)
+    first_in_target = SeedIndex()
     cache = cached or None
     chunks = [0] * len(_SOURCES)  # per source code
     nbytes = [0] * len(_SOURCES)
     skipped_bytes = 0
     for i, (offset, length, _, _, digest) in enumerate(packed.iter_fields()):
         if i in skipped:
-            first_in_target.setdefault(digest, offset)
+            first_in_target.add(digest, offset, length)
             skipped_bytes += length
             continue
         hit = seed.get(digest)
@@ -494,11 +533,11 @@ def make_plan(
             code, source_offset = _SEED, hit[0]
         elif kept is not None and kept[1] == length:
             code, source_offset = _CACHE, kept[0]
-        elif digest in first_in_target:
-            code, source_offset = _TARGET, first_in_target[digest]
+        elif (earlier := first_in_target.get(digest)) is not None:
+            code, source_offset = _TARGET, earlier[0]
         else:
             code, source_offset = _PACK, 0
-            first_in_target[digest] = offset
+            first_in_target.add(digest, offset, length)
         steps._add(i, code, source_offset)
         chunks[code] += 1
         nbytes[code] += length

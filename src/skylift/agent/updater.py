@@ -105,6 +105,7 @@ from skylift.agent.plan import (
     ByteRange,
     PlanError,
     PlanTotals,
+    SeedIndex,
     held_in_place,
     make_plan,
     seed_index,
@@ -1319,13 +1320,13 @@ class Updater:
         seed_dev = _open_seed(pair.active)
         cache = self._open_cache()
         try:
-            seed = {}
+            seed = SeedIndex()
             if seed_dev is not None:
                 seed = seed_index(
                     SlotReader(seed_dev),
                     payload.chunking,
                     payload.size,
-                    wanted=entries.digest_set(),
+                    wanted=entries.digest_table(),
                 )
             plan = make_plan(
                 entries,
@@ -1336,6 +1337,7 @@ class Updater:
                 max_ranges_per_request=download.max_ranges_per_request,
                 max_range_bytes=download.max_range_bytes,
             )
+            del seed  # the plan holds what it needs: not kept while installing
             self._check_download(payload, plan.totals)
             slot = self._open_slot(pair.inactive, payload.size)
             try:

@@ -30,6 +30,7 @@ from typing import overload
 
 import zstandard
 
+from skylift.chunks.digests import DigestTable
 from skylift.chunks.errors import ChunkDataError, IndexCorruptError, IndexTotalsError
 from skylift.chunks.params import MAX_CHUNK_BYTES
 
@@ -238,8 +239,18 @@ class PackedEntries(Sequence[ChunkEntry]):
         return digest
 
     def digest_set(self) -> set[bytes]:
-        """The distinct digests (what ``seed_index`` wants), without building any entry."""
+        """The distinct digests, without building any entry."""
         return {d for (d,) in _DIGEST.iter_unpack(self._digests)}
+
+    def digest_table(self) -> DigestTable:
+        """The distinct digests in a :class:`DigestTable` (what ``seed_index`` wants).
+
+        About 40 bytes a digest where :meth:`digest_set` costs about 95.
+        """
+        table = DigestTable(expected=len(self))
+        for (d,) in _DIGEST.iter_unpack(self._digests):
+            table.add(d)
+        return table
 
     def total_length(self) -> int:
         """The sum of the chunks' lengths (the payload's size when they tile it)."""

@@ -306,7 +306,7 @@ def plan_delta(
         for p in manifest.payloads[: index_no + 1]:
             entries, pages = _read_index(f, p, bundle_size, limits)
     with open(seed, "rb") as s:
-        seeds = seed_index(s, payload.chunking, payload.size, wanted=entries.digest_set())
+        seeds = seed_index(s, payload.chunking, payload.size, wanted=entries.digest_table())
     plan = make_plan(
         entries,
         seeds,
