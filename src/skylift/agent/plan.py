@@ -458,8 +458,7 @@ def seed_index(
     digest). With ``wanted`` (best a :class:`~skylift.chunks.digests.DigestTable`:
     :meth:`~skylift.chunks.index.PackedEntries.digest_table`), only those
     digests are kept, which bounds the memory to the target's chunks rather
-    than the seed's. A seed shorter
-    than ``length`` is cut as far as it goes.
+    than the seed's. A seed shorter than ``length`` is cut as far as it goes.
     """
     index = SeedIndex(expected=0 if wanted is None else len(wanted))
     offset = 0
