@@ -16,7 +16,6 @@ follow its header and operations, which are known only at the end.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -42,6 +41,7 @@ from skylift.chunks.zstreams import (
     reproducible,
     write_inflated,
 )
+from skylift.fsutil import pread_full
 
 __all__ = ["ZLIB_MIN_SHARE", "MadeDelta", "cut_file", "make_delta", "reader"]
 
@@ -224,14 +224,9 @@ def reader(f: BinaryIO) -> Callable[[int, int], bytes]:
     fd = f.fileno()
 
     def read(offset: int, length: int) -> bytes:
-        parts = []
-        while length:
-            block = os.pread(fd, length, offset)
-            if not block:
-                raise DeltaError("a delta reaches past the end of a payload")
-            parts.append(block)
-            offset += len(block)
-            length -= len(block)
-        return b"".join(parts)
+        data = pread_full(fd, length, offset)
+        if len(data) != length:
+            raise DeltaError("a delta reaches past the end of a payload")
+        return data
 
     return read

@@ -1,8 +1,9 @@
-"""Durable file writes: temp file, fsync, rename, fsync the directory.
+"""Durable file writes (temp file, fsync, rename, fsync the directory); whole pread/pwrite.
 
 Every file Skylift writes for keeps goes through here, so that a power cut
 leaves either the old file or the new one under the final name, never a
-partial one.
+partial one. :func:`pread_full` and :func:`pwrite_full` loop over the short
+reads and writes ``os.pread`` and ``os.pwrite`` may return.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from typing import BinaryIO
 
 from skylift.errors import UserInputError
 
-__all__ = ["atomic_write", "atomic_writer", "fsync_dir", "read_bounded"]
+__all__ = [
+    "atomic_write",
+    "atomic_writer",
+    "fsync_dir",
+    "pread_full",
+    "pwrite_full",
+    "read_bounded",
+]
 
 _TEMP_COUNTER = itertools.count()
 
@@ -61,6 +69,36 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` atomically and durably (see :func:`atomic_writer`)."""
     with atomic_writer(path, mode=mode) as f:
         f.write(data)
+
+
+def pread_full(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes of ``fd`` from ``offset``; fewer only where the file ends.
+
+    Raises:
+        OSError: reading failed.
+    """
+    parts: list[bytes] = []
+    done = 0
+    while done < length:
+        block = os.pread(fd, length - done, offset + done)
+        if not block:
+            break
+        parts.append(block)
+        done += len(block)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def pwrite_full(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of ``data`` to ``fd`` at ``offset``.
+
+    Raises:
+        OSError: writing failed.
+    """
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
 
 
 def read_bounded(path: Path, limit: int, what: str = "file") -> bytes:

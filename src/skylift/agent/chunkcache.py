@@ -33,6 +33,7 @@ from types import MappingProxyType
 
 from skylift.agent.slots import SlotError
 from skylift.chunks import MAX_CHUNK_BYTES
+from skylift.fsutil import pread_full, pwrite_full
 
 __all__ = [
     "CACHE_DIR",
@@ -130,9 +131,9 @@ class ChunkCache:
             return
         offset = self._data_end
         try:
-            _pwrite_all(self._data_fd, data, offset)
+            pwrite_full(self._data_fd, data, offset)
             # The record after its bytes; no fsync: a torn pair is a stale chunk, no more.
-            _pwrite_all(
+            pwrite_full(
                 self._index_fd,
                 _RECORD.pack(digest, offset, length),
                 self._index_end,
@@ -153,16 +154,12 @@ class ChunkCache:
         out = bytearray(length)
         if self._data_fd is None or length <= 0:
             return bytes(out)
-        view = memoryview(out)
-        done = 0
         try:
-            while done < length:
-                n = os.preadv(self._data_fd, [view[done:]], offset + done)
-                if n <= 0:
-                    break
-                done += n
+            data = pread_full(self._data_fd, length, offset)
         except OSError as e:
             self._off(f"cannot read it: {e.strerror or e}")
+            return bytes(out)
+        out[: len(data)] = data
         return bytes(out)
 
     def clear(self) -> None:
@@ -206,7 +203,7 @@ class ChunkCache:
         if data_size > self._max_bytes:
             self._discard(f"its data is {data_size} bytes, more than {self._max_bytes}")
             return
-        raw = _pread_all(self._index_fd, index_size)
+        raw = pread_full(self._index_fd, index_size, 0)
         if len(raw) != index_size:
             self._discard("its index could not be read whole")
             return
@@ -225,7 +222,7 @@ class ChunkCache:
                 _log.warning("chunk cache: %d record(s) naming no cached bytes dropped", dropped)
             records = b"".join(_RECORD.pack(d, o, n) for d, (o, n) in self._chunks.items())
             os.ftruncate(self._index_fd, 0)
-            _pwrite_all(self._index_fd, records, 0)
+            pwrite_full(self._index_fd, records, 0)
             self._index_end = len(records)
         self._data_end = data_size
 
@@ -293,23 +290,3 @@ def _open_file(path: Path) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
-def _pread_all(fd: int, length: int) -> bytes:
-    parts = []
-    offset = 0
-    while offset < length:
-        part = os.pread(fd, length - offset, offset)
-        if not part:
-            break
-        parts.append(part)
-        offset += len(part)
-    return b"".join(parts)

@@ -29,6 +29,7 @@ from typing import Protocol
 
 from skylift.agent.config import AgentConfig, SlotConfig
 from skylift.errors import SkyliftError
+from skylift.fsutil import pread_full, pwrite_full
 
 __all__ = [
     "SlotDevice",
@@ -241,28 +242,19 @@ class _FdSlot:
             raise SlotError(f"cannot find the size of {self._where}: {e.strerror or e}") from e
 
     def read_range(self, offset: int, length: int) -> bytes:
-        parts: list[bytes] = []
-        done = 0
         try:
-            while done < length:
-                block = os.pread(self._fd, length - done, offset + done)
-                if not block:
-                    raise SlotError(
-                        f"{self._where} ends before byte {offset + length} (read {offset}+{length})"
-                    )
-                parts.append(block)
-                done += len(block)
+            data = pread_full(self._fd, length, offset)
         except OSError as e:
             raise SlotError(f"cannot read {self._where}: {e.strerror or e}") from e
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(data) != length:
+            raise SlotError(
+                f"{self._where} ends before byte {offset + length} (read {offset}+{length})"
+            )
+        return data
 
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
         try:
-            while view:
-                n = os.pwrite(self._fd, view, offset)
-                view = view[n:]
-                offset += n
+            pwrite_full(self._fd, data, offset)
         except OSError as e:
             raise SlotError(f"cannot write {self._where}: {e.strerror or e}") from e
 
