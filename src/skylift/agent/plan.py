@@ -527,10 +527,9 @@ def make_plan(
             skipped_bytes += length
             continue
         hit = seed.get(digest)
-        kept = cache.get(digest) if cache is not None else None
         if hit is not None and hit[1] == length:
             code, source_offset = _SEED, hit[0]
-        elif kept is not None and kept[1] == length:
+        elif cache is not None and (kept := cache.get(digest)) is not None and kept[1] == length:
             code, source_offset = _CACHE, kept[0]
         elif (earlier := first_in_target.get(digest)) is not None:
             code, source_offset = _TARGET, earlier[0]
