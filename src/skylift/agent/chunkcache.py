@@ -151,16 +151,14 @@ class ChunkCache:
         Bytes that are not there read as zeros, which hash wrong: the
         executor then fetches those chunks. Never raises.
         """
-        out = bytearray(length)
         if self._data_fd is None or length <= 0:
-            return bytes(out)
+            return bytes(max(length, 0))
         try:
             data = pread_full(self._data_fd, length, offset)
         except OSError as e:
             self._off(f"cannot read it: {e.strerror or e}")
-            return bytes(out)
-        out[: len(data)] = data
-        return bytes(out)
+            data = b""
+        return data if len(data) == length else data + bytes(length - len(data))
 
     def clear(self) -> None:
         """Forget every cached chunk and empty the files. Never raises."""

@@ -153,12 +153,11 @@ def _apply(
     try:
         stale = run.copy(Source.SEED, seed)
         stale_cache = run.copy(Source.CACHE, cache)
+        refetch = stale + stale_cache
         requests = list(plan.requests)
-        if stale or stale_cache:
-            requests += coalesce(
-                [s.pack_range for s in stale + stale_cache], max_gap_bytes=max_gap_bytes
-            )
-        run.fetch(requests, plan.steps.select(Source.PACK, also=stale + stale_cache))
+        if refetch:
+            requests += coalesce([s.pack_range for s in refetch], max_gap_bytes=max_gap_bytes)
+        run.fetch(requests, plan.steps.select(Source.PACK, also=refetch))
         run.copy(Source.TARGET, run.slot)
     except BaseException:
         run.checkpoint_quietly()
